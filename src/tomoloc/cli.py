@@ -1,0 +1,310 @@
+"""The ``tomoloc`` command line.
+
+Every command reports bad input as one line ``tomoloc: error: <file>: <problem>`` on
+stderr and exits with status 2, leaving no partial output behind.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from tomoloc import __version__, io
+from tomoloc._fsutil import write_text_atomic
+from tomoloc.boxes import BoxFileError, BoxRecord, index_by_name, read_boxes, volume_key, write_boxes
+from tomoloc.localize.base import BadValuesError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Find the sample in 3D tomography volumes without labels, and crop to it.",
+)
+out = Console()
+err = Console(stderr=True)
+
+USER_ERRORS = (io.VolumeError, BoxFileError, FileExistsError, BadValuesError)
+
+
+class UsageProblem(ValueError):
+    """Arguments that parse but make no sense together."""
+
+
+def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn expected input problems into one line on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (*USER_ERRORS, UsageProblem) as exc:
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            err.print(f"tomoloc: error: {msg}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err, transient=True,
+    )
+
+
+class Kind(str, Enum):
+    fish = "fish"
+    embryo = "embryo"
+    mixed = "mixed"
+
+
+class Format(str, Enum):
+    npy = "npy"
+    tiff = "tiff"
+    tiff_dir = "tiff-dir"
+    h5 = "h5"
+    zarr = "zarr"
+
+
+class Method(str, Enum):
+    otsu = "otsu"
+    threshold = "threshold"
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        out.print(f"tomoloc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """tomoloc: label-free sample localization and cropping for X-ray tomography batches."""
+
+
+# ----------------------------------------------------------------------------- synth
+@app.command()
+@_user_errors
+def synth(
+    out_dir: Path = typer.Argument(..., help="Output folder (created)."),
+    n: int = typer.Option(16, "--n", min=1, help="Number of volumes."),
+    kind: Kind = typer.Option(Kind.mixed, help="Sample kind."),
+    shape: tuple[int, int, int] = typer.Option((64, 96, 96), help="Volume shape Z Y X (axis 0 = rotation axis)."),
+    seed: int = typer.Option(0, help="Random seed; the same seed gives the same batch."),
+    fmt: Format = typer.Option(Format.npy, "--format", help="Volume file format."),
+    overwrite: bool = typer.Option(False, help="Replace files of the same names in OUT_DIR."),
+) -> None:
+    """Write a synthetic CT batch with ground truth (volumes, masks, ground_truth.json).
+
+    Example: tomoloc synth data/ --n 16 --kind mixed --shape 64 96 96 --seed 0
+    """
+    from tomoloc.synth import write_batch
+
+    if min(shape) < 8:
+        raise UsageProblem(f"--shape {shape}: every side must be at least 8 voxels")
+    t0 = time.perf_counter()
+    gt = write_batch(out_dir, n=n, kind=kind.value, shape=shape, seed=seed, format=fmt.value,
+                     overwrite=overwrite)
+    out.print(f"wrote {n} {kind.value} volume(s) of shape {tuple(shape)} to {out_dir} "
+              f"in {time.perf_counter() - t0:.1f} s; ground truth: {gt}")
+
+
+# -------------------------------------------------------------------------- localize
+def _truth_volumes(truth_path: Path) -> tuple[list[BoxRecord], list[Path]]:
+    recs = read_boxes(truth_path)
+    paths = []
+    for r in recs:
+        p = Path(r.volume)
+        paths.append(p if p.is_absolute() else truth_path.parent / p)
+    return recs, paths
+
+
+def make_localizer(method: str, value: float | None = None, calibrate: Path | None = None,
+                   max_voxels: int = 256**3) -> tuple[Any, dict[str, Any]]:
+    """Build the localizer a CLI invocation asks for; returns it and its config."""
+    from tomoloc.localize import OtsuLocalizer, ThresholdLocalizer, calibrate_threshold
+
+    if method == "otsu":
+        if value is not None or calibrate is not None:
+            raise UsageProblem("--value and --calibrate belong to --method threshold")
+        return OtsuLocalizer(max_voxels=max_voxels), {"method": "otsu", "max_voxels": max_voxels}
+    if (value is None) == (calibrate is None):
+        raise UsageProblem("--method threshold needs exactly one of --value V or --calibrate ground_truth.json")
+    cfg: dict[str, Any] = {"method": "threshold", "max_voxels": max_voxels}
+    if calibrate is not None:
+        recs, paths = _truth_volumes(calibrate)
+        vols = [io.open_volume(p) for p in paths]
+        try:
+            value, mae = calibrate_threshold(vols, [r.bbox for r in recs], max_voxels=max_voxels)
+        finally:
+            for v in vols:
+                v.close()
+        cfg.update(calibrated_on=str(calibrate), calibration_mae=mae)
+        err.print(f"calibrated threshold {value:.6g} (mean box MAE {mae:.2f} voxels on "
+                  f"{len(recs)} labelled volume(s) of {calibrate})")
+    cfg["value"] = float(value)  # type: ignore[arg-type]
+    return ThresholdLocalizer(float(value), max_voxels=max_voxels), cfg  # type: ignore[arg-type]
+
+
+@app.command()
+@_user_errors
+def localize(
+    volumes: list[str] = typer.Argument(..., help="Volume files (npy, tif, TIFF-slice folder, h5[:/path], zarr)."),
+    method: Method = typer.Option(Method.otsu, help="Localization method."),
+    out_path: Path = typer.Option(Path("boxes.json"), "--out", help="Box file to write."),
+    value: Optional[float] = typer.Option(None, help="Threshold value (method threshold)."),
+    calibrate: Optional[Path] = typer.Option(None, help="Calibrate the threshold on this ground_truth.json."),
+    max_voxels: int = typer.Option(256**3, help="Localize on a block-mean copy of at most this many voxels."),
+) -> None:
+    """Box the sample in each volume and write a tomoloc-boxes/1 file.
+
+    Example: tomoloc localize data/vol_*.npy --method otsu --out boxes.json
+    """
+    localizer, cfg = make_localizer(method.value, value, calibrate, max_voxels)
+    from tomoloc.localize import localize_files
+
+    with _progress() as prog:
+        task = prog.add_task(f"localize ({method.value})", total=len(volumes))
+        records = localize_files(volumes, localizer, lambda _p: prog.advance(task))
+    write_boxes(out_path, records, config={**cfg, "tomoloc": __version__, "command": "localize"})
+    for r in records:
+        out.print(f"{r.volume}: bbox {[list(b) for b in r.bbox]}"
+                  + ("  (nothing found: whole volume kept)" if r.extra["confidence"] == 0 else ""))
+    out.print(f"wrote {len(records)} box(es) to {out_path}")
+
+
+# -------------------------------------------------------------------------- evaluate
+def _metrics_table(rows: list[dict[str, Any]], title: str) -> Table:
+    from tomoloc.evaluate import COLUMNS
+
+    t = Table(title=title)
+    for c in ("volume", "method", *COLUMNS):
+        t.add_column(c, justify="left" if c in ("volume", "method") else "right")
+    for r in rows:
+        t.add_row(*(str(r[c]) if c in ("volume", "method") else
+                    ("-" if isinstance(r[c], float) and math.isnan(r[c]) else f"{r[c]:.3f}")
+                    for c in ("volume", "method", *COLUMNS)),
+                  end_section=r["volume"] == "mean")
+    return t
+
+
+@app.command()
+@_user_errors
+def evaluate(
+    boxes: Path = typer.Argument(..., help="Box file to score."),
+    truth: Path = typer.Option(..., help="ground_truth.json (tomoloc-boxes/1, optional masks)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Score boxes against ground truth: MAE, relative error, IoU, recall, reduction.
+
+    Example: tomoloc evaluate boxes.json --truth data/ground_truth.json
+    """
+    from tomoloc.evaluate import evaluate as score, mean_row
+
+    pred = read_boxes(boxes)
+    index_by_name(pred, boxes)
+    rows = score(pred, read_boxes(truth), truth.parent)
+    if not rows:
+        raise BoxFileError(f"{boxes}: no volume matches a volume of {truth} by file name")
+    summary = mean_row(rows)
+    if as_json:
+        clean = lambda r: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}  # noqa: E731
+        out.print_json(json.dumps({"volumes": [clean(r) for r in rows], "mean": clean(summary)}))
+    else:
+        out.print(_metrics_table(rows + [summary], f"{boxes} vs {truth}"))
+
+
+# ------------------------------------------------------------------------------ crop
+@app.command()
+@_user_errors
+def crop(
+    volumes: list[str] = typer.Argument(..., help="Volumes to crop (matched to boxes by file name)."),
+    boxes: Path = typer.Option(..., help="Box file (tomoloc-boxes/1)."),
+    out_dir: Path = typer.Option(..., "--out", help="Output folder; inputs are never overwritten."),
+    margin: int = typer.Option(0, min=0, help="Voxels added on both sides of every axis, clipped to the volume."),
+    fmt: Optional[Format] = typer.Option(None, "--format", help="Output format (default: the input's)."),
+    overwrite: bool = typer.Option(False, help="Replace existing outputs in --out."),
+) -> None:
+    """Crop each volume to its box (plus margin) and report the storage saved.
+
+    Example: tomoloc crop data/vol_*.npy --boxes boxes.json --out cropped/ --margin 4
+    """
+    from tomoloc.crop import crop_volume, output_path
+
+    by_name = index_by_name(read_boxes(boxes), boxes)
+    plan = []
+    # Check everything before writing anything: a bad volume must not leave half a batch.
+    for v in volumes:
+        rec = by_name.get(volume_key(v))
+        if rec is None:
+            raise BoxFileError(f"{v}: no box for this volume in {boxes}")
+        with io.open_volume(v) as vol:
+            if tuple(vol.shape) != tuple(rec.shape):
+                raise BoxFileError(f"{v}: shape {list(vol.shape)} differs from the box file's {list(rec.shape)}")
+            target = output_path(v, out_dir, fmt.value if fmt else vol.format)
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"{target}: already exists (use --overwrite to replace it)")
+        plan.append((v, rec))
+    rows, results = [], []
+    with _progress() as prog:
+        task = prog.add_task("crop", total=len(plan))
+        for v, rec in plan:
+            t0 = time.perf_counter()
+            res = crop_volume(v, rec.bbox, out_dir, margin=margin, fmt=fmt.value if fmt else None,
+                              overwrite=overwrite)
+            results.append(res)
+            rows.append({"volume": v, "output": str(res.output), "bbox": [list(b) for b in res.bbox],
+                         "bytes_before": res.bytes_before, "bytes_after": res.bytes_after,
+                         "seconds": round(time.perf_counter() - t0, 3)})
+            prog.advance(task)
+    before = sum(r.bytes_before for r in results)
+    after = sum(r.bytes_after for r in results)
+    manifest = {"config": {"command": "crop", "boxes": str(boxes), "margin": margin,
+                           "format": fmt.value if fmt else None, "tomoloc": __version__},
+                "volumes": rows, "bytes_before": before, "bytes_after": after}
+    write_text_atomic(out_dir / "crop_manifest.json", json.dumps(manifest, indent=1) + "\n")
+    for r in rows:
+        out.print(f"{r['volume']} -> {r['output']}: {r['bytes_before']:,} -> {r['bytes_after']:,} bytes")
+    out.print(f"total {before:,} -> {after:,} bytes: reduction {before / max(after, 1):.2f}x")
+
+
+# ------------------------------------------------------------------------------ demo
+@app.command()
+@_user_errors
+def demo(
+    out_dir: Path = typer.Option(Path("demo_out"), "--out", help="Output folder."),
+    n: int = typer.Option(8, "--n", min=2, help="Volumes to synthesize (half calibrate the threshold)."),
+    shape: tuple[int, int, int] = typer.Option((64, 96, 96), help="Volume shape Z Y X."),
+    seed: int = typer.Option(0, help="Random seed."),
+    margin: int = typer.Option(4, min=0, help="Crop margin in voxels."),
+) -> None:
+    """Synthesize a batch, localize, crop, evaluate and write a report, end to end.
+
+    Example: tomoloc demo --out demo_out
+    """
+    from tomoloc.demo import run_demo
+
+    run_demo(out_dir, n=n, shape=shape, seed=seed, margin=margin, console=out)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""Localization methods, one module each, one interface (:class:`Localizer`).
+
+Every localizer takes a 3D array-like (Z, Y, X), axis 0 = rotation axis, and returns a
+:class:`Localization` whose box is in that volume's voxel coordinates.
+"""
+
+from tomoloc.localize.base import (
+    BadValuesError,
+    Localization,
+    Localizer,
+    localize_files,
+    working_copy,
+)
+from tomoloc.localize.threshold import OtsuLocalizer, ThresholdLocalizer, calibrate_threshold
+
+__all__ = [
+    "BadValuesError",
+    "Localization",
+    "Localizer",
+    "OtsuLocalizer",
+    "ThresholdLocalizer",
+    "calibrate_threshold",
+    "localize_files",
+    "working_copy",
+]

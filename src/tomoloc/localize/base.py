@@ -1,0 +1,88 @@
+"""What every localizer shares: the result type, the working copy, and component boxes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from tomoloc.boxes import Bbox, BoxRecord
+from tomoloc.preprocess import BadValuesError, WorkingCopy, working_copy  # noqa: F401 (re-exported)
+
+
+@dataclass
+class Localization:
+    """A localizer's answer for one volume.
+
+    Attributes
+    ----------
+    bbox : Bbox
+        Half-open box in the ORIGINAL volume's voxel coordinates, array order (Z, Y, X).
+    method : str
+        The localizer's name.
+    confidence : float
+        In [0, 1]; low values mean a human should look (e.g. nothing was found and the
+        box fell back to the whole volume).
+    details : dict
+        Method-specific diagnostics for the report (threshold used, profiles, maps...).
+    """
+
+    bbox: Bbox
+    method: str
+    confidence: float = 1.0
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Localizer(Protocol):
+    """The one interface of every localization method."""
+
+    name: str
+
+    def localize(self, volume: Any) -> Localization:
+        """Box the sample in a 3D array-like ``volume`` of shape (Z, Y, X)."""
+        ...
+
+
+def largest_component_bbox(binary: np.ndarray) -> Bbox | None:
+    """Box of the largest 6-connected component of a 3D boolean array, or ``None`` if empty."""
+    labels, n = ndimage.label(binary)
+    if n == 0:
+        return None
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    biggest = int(sizes.argmax())
+    sl = ndimage.find_objects(labels, max_label=biggest)[biggest - 1]
+    return tuple((s.start, s.stop) for s in sl)  # type: ignore[return-value]
+
+
+def whole_volume(shape: Sequence[int]) -> Bbox:
+    """The box covering the whole volume: the safe answer when nothing was found."""
+    return ((0, int(shape[0])), (0, int(shape[1])), (0, int(shape[2])))
+
+
+def localize_files(
+    paths: Sequence[str], localizer: Localizer, on_done: Any = None
+) -> list[BoxRecord]:
+    """Run ``localizer`` on each volume file and return one box record per file, in order.
+
+    ``on_done(path)`` is called after each volume (progress bars). Bad values are raised
+    as :class:`tomoloc.io.VolumeError` naming the file.
+    """
+    from tomoloc import io  # late: io imports heavy format libraries
+
+    records = []
+    for p in paths:
+        with io.open_volume(p) as vol:
+            try:
+                loc = localizer.localize(vol)
+            except BadValuesError as exc:
+                raise io.VolumeError(f"{p}: {exc}") from None
+            extra = {"confidence": loc.confidence}
+            extra.update({k: v for k, v in loc.details.items()
+                          if isinstance(v, (int, float, str, bool, type(None)))})
+            records.append(BoxRecord(str(p), tuple(int(s) for s in vol.shape), loc.bbox, loc.method, extra))  # type: ignore[arg-type]
+        if on_done is not None:
+            on_done(p)
+    return records

@@ -1,0 +1,105 @@
+"""Volume preprocessing shared by localizers and training: working copies and normalisation."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tomoloc.boxes import Bbox
+
+
+class BadValuesError(ValueError):
+    """The volume's values cannot be localized (NaN/inf, or constant)."""
+
+
+@dataclass
+class WorkingCopy:
+    """A float32 copy of a volume, block-mean downsampled by integer ``factor`` per axis.
+
+    ``data[i, j, k]`` is the mean of the original block starting at
+    ``(i * factor[0], j * factor[1], k * factor[2])``; partial blocks at the far edges are
+    averaged over the voxels they have.
+    """
+
+    data: np.ndarray
+    factor: tuple[int, int, int]
+    shape: tuple[int, int, int]  # of the original volume
+
+    def to_original(self, bbox: Bbox) -> Bbox:
+        """Map a box on ``data`` back to the original grid, erring on the side of too big.
+
+        When downsampled, a block only partly covered by the sample can average below a
+        threshold, so the box grows by one block on each side before mapping back.
+        """
+        out = []
+        for (lo, hi), f, n in zip(bbox, self.factor, self.shape):
+            pad = 1 if f > 1 else 0
+            out.append((max(0, (lo - pad) * f), min(n, (hi + pad) * f)))
+        return (out[0], out[1], out[2])
+
+
+def working_copy(volume: Any, max_voxels: int = 256**3) -> WorkingCopy:
+    """Read ``volume`` (Z, Y, X) slab by slab into a float32 block-mean downsampled copy.
+
+    The downsampling factor is the smallest integer ``f`` (same on every axis, so voxels
+    stay isotropic) with ``prod(ceil(shape / f)) <= max_voxels``; only one slab of ``f``
+    axial slices is in memory beside the result.
+
+    Raises
+    ------
+    BadValuesError
+        If the volume holds NaN/inf or is constant.
+    """
+    shape = tuple(int(s) for s in volume.shape)
+    if len(shape) != 3:
+        raise BadValuesError(f"expected a 3D volume, got shape {shape}")
+    f = 1
+    while math.prod(math.ceil(s / f) for s in shape) > max_voxels:
+        f += 1
+    out_shape = tuple(math.ceil(s / f) for s in shape)
+    out = np.empty(out_shape, dtype=np.float32)
+    for i in range(out_shape[0]):
+        slab = np.asarray(volume[i * f : (i + 1) * f], dtype=np.float32)
+        if not np.isfinite(slab).all():
+            raise BadValuesError(f"volume holds NaN or infinite values (first in slices {i * f}-{i * f + len(slab) - 1})")
+        out[i] = _block_mean_2d(slab.mean(axis=0), f)
+    if float(out.max()) == float(out.min()):
+        raise BadValuesError(f"volume is constant (every voxel is {float(out.min()):g})")
+    return WorkingCopy(out, (f, f, f), shape)  # type: ignore[arg-type]
+
+
+def _block_mean_2d(img: np.ndarray, f: int) -> np.ndarray:
+    if f == 1:
+        return img
+    h, w = img.shape
+    ph, pw = -h % f, -w % f
+    # NaN padding + nanmean averages partial edge blocks over the voxels they really have.
+    padded = np.pad(img, ((0, ph), (0, pw)), constant_values=np.nan)
+    blocks = padded.reshape(padded.shape[0] // f, f, padded.shape[1] // f, f)
+    with np.errstate(invalid="ignore"):
+        return np.nanmean(blocks, axis=(1, 3)).astype(np.float32)
+
+
+def robust_range(data: np.ndarray, low: float = 1.0, high: float = 99.0, max_samples: int = 1_000_000,
+                 seed: int = 0) -> tuple[float, float]:
+    """The ``low`` and ``high`` percentiles of ``data`` (subsampled for speed), ``hi > lo``."""
+    flat = np.asarray(data, dtype=np.float32).ravel()
+    if flat.size > max_samples:
+        flat = np.random.default_rng(seed).choice(flat, max_samples, replace=False)
+    lo, hi = np.percentile(flat, [low, high])
+    if hi <= lo:
+        hi = lo + 1.0
+    return float(lo), float(hi)
+
+
+def normalize(data: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
+    """Map the ``low``/``high`` percentiles of ``data`` to 0/1 (float32, not clipped).
+
+    Percentiles rather than min/max so a few dense debris particles or a padding value
+    outside the field of view do not squash the sample's contrast.
+    """
+    lo, hi = robust_range(data, low, high)
+    return ((np.asarray(data, dtype=np.float32) - lo) / (hi - lo)).astype(np.float32)

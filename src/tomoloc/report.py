@@ -1,0 +1,163 @@
+"""Figures and the self-contained HTML report a person checks before anything is deleted."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io as _io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: beamline nodes and CI have no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+from tomoloc._fsutil import write_text_atomic  # noqa: E402
+from tomoloc.boxes import Bbox  # noqa: E402
+
+#: Views as (title, axis sliced, (row axis, column axis)) of a (Z, Y, X) volume.
+VIEWS = (("axial (Y, X)", 0, (1, 2)), ("coronal (Z, X)", 1, (0, 2)), ("sagittal (Z, Y)", 2, (0, 1)))
+
+
+@dataclass
+class BoxStyle:
+    """A box to draw: label for the legend, matplotlib colour and line style."""
+
+    bbox: Bbox
+    label: str
+    color: str = "#ff3b30"
+    linestyle: str = "-"
+
+
+def _read_slice(volume: Any, axis: int, index: int) -> np.ndarray:
+    if hasattr(volume, "slice"):
+        return np.asarray(volume.slice(axis, index), dtype=np.float32)
+    key = [slice(None)] * 3
+    key[axis] = index
+    return np.asarray(volume[tuple(key)], dtype=np.float32)
+
+
+def orthoviews(
+    volume: Any, boxes: Sequence[BoxStyle], title: str = "", center: Sequence[int] | None = None
+) -> plt.Figure:
+    """Three orthogonal slices through ``center`` (default: the first box's centre) with boxes.
+
+    ``volume`` is a 3D array-like (Z, Y, X); axis 0, the rotation axis, runs downwards in
+    the coronal and sagittal views.
+    """
+    shape = tuple(int(s) for s in volume.shape)
+    if center is None:
+        center = (
+            [(lo + hi) // 2 for lo, hi in boxes[0].bbox] if boxes else [s // 2 for s in shape]
+        )
+    fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.9), dpi=80, layout="constrained")
+    for ax, (name, axis, (ra, ca)) in zip(axes, VIEWS):
+        img = _read_slice(volume, axis, int(np.clip(center[axis], 0, shape[axis] - 1)))
+        lo, hi = np.percentile(img, [1, 99.5]) if img.size else (0, 1)
+        ax.imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, interpolation="nearest")
+        for b in boxes:
+            (r0, r1), (c0, c1) = b.bbox[ra], b.bbox[ca]
+            # Half-open voxel intervals: the edge of voxel r0 is at r0 - 0.5 in imshow pixels.
+            ax.add_patch(
+                Rectangle((c0 - 0.5, r0 - 0.5), c1 - c0, r1 - r0, fill=False,
+                          edgecolor=b.color, linestyle=b.linestyle, linewidth=1.4, label=b.label)
+            )
+        ax.set_title(f"{name} @ {center[axis]}", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if boxes:
+        axes[0].legend(loc="lower left", fontsize=7, framealpha=0.7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def figure_png(fig: plt.Figure) -> bytes:
+    """Render a figure to PNG bytes and close it."""
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def save_figure(fig: plt.Figure, path: str | os.PathLike) -> Path:
+    """Save a figure as PNG atomically and close it."""
+    from tomoloc._fsutil import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(figure_png(fig))
+    return Path(path)
+
+
+@dataclass
+class ReportEntry:
+    """One volume's section of the report."""
+
+    name: str
+    images: list[bytes] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)
+    flags: list[str] = field(default_factory=list)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return html.escape(str(v))
+
+
+def _table(rows: Sequence[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_fmt(r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1200px}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;
+font-size:13px;text-align:right}th{background:#f3f3f3}section{border-top:1px solid #ddd;
+padding:.6em 0}.flag{color:#b00;font-weight:bold}img{max-width:100%}
+"""
+
+
+def write_report(
+    path: str | os.PathLike,
+    title: str,
+    entries: Sequence[ReportEntry],
+    summary: Sequence[dict[str, Any]] = (),
+    intro: str = "",
+) -> Path:
+    """Write one self-contained HTML page (images inlined as base64 PNG), atomically.
+
+    Volumes with flags are listed first so the ones a human must look at are on top.
+    """
+    flagged = [e for e in entries if e.flags]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+        f"<p>{html.escape(intro)}</p>" if intro else "",
+        _table(summary),
+        f"<p class='flag'>{len(flagged)} volume(s) need a look: "
+        + ", ".join(html.escape(e.name) for e in flagged) + "</p>" if flagged else
+        "<p>No volume flagged.</p>",
+    ]
+    for e in sorted(entries, key=lambda e: (not e.flags, e.name)):
+        parts.append(f"<section><h2>{html.escape(e.name)}</h2>")
+        for f in e.flags:
+            parts.append(f"<p class='flag'>&#9888; {html.escape(f)}</p>")
+        parts.append(_table([e.facts]))
+        for img in e.images:
+            parts.append(f"<img alt='{html.escape(e.name)}' src='data:image/png;base64,"
+                         f"{base64.b64encode(img).decode()}'>")
+        parts.append("</section>")
+    parts.append("</body></html>\n")
+    return write_text_atomic(path, "".join(parts))
