@@ -107,14 +107,17 @@ def test_threshold_value_and_calibration(batch, tmp_path):
 
 def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    res = run("demo", "--out", out, "--n", 2, "--shape", *SHAPE)
+    fast = ("--epochs", 1, "--steps", 4)
+    res = run("demo", "--out", out, "--n", 2, "--shape", *SHAPE, *fast)
     assert res.exit_code == 0, res.output
-    assert "otsu" in res.stdout and "threshold" in res.stdout and "iou" in res.stdout
+    for word in ("rotation", "otsu", "threshold", "iou"):
+        assert word in res.stdout
     html = (out / "report.html").read_text()
-    assert html.count("<img") == 1 and "data:image/png;base64," in html
+    assert html.count("<img") == 2 and "data:image/png;base64," in html  # boxes + profiles
+    assert (out / "rotation_run" / "checkpoints" / "best.ckpt").is_file()
     assert len(list((out / "cropped").glob("*.npy"))) == 1
     # rerunning into its own folder is fine; into a foreign non-empty folder is refused
-    assert run("demo", "--out", out, "--n", 2, "--shape", *SHAPE).exit_code == 0
+    assert run("demo", "--out", out, "--n", 2, "--shape", *SHAPE, *fast).exit_code == 0
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "keep.txt").write_text("user data")
     one_error_line(run("demo", "--out", tmp_path / "mine", "--n", 2), "not a tomoloc demo folder")

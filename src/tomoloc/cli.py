@@ -25,6 +25,17 @@ from tomoloc._fsutil import write_text_atomic
 from tomoloc.boxes import BoxFileError, BoxRecord, index_by_name, read_boxes, volume_key, write_boxes
 from tomoloc.localize.base import BadValuesError
 
+
+class _TrainDefaults:
+    """Mirror of ``tomoloc.training.TrainConfig`` defaults (a test keeps them equal) so the
+    CLI starts without importing torch and Lightning."""
+
+    epochs, steps_per_epoch, batch_size, backbone, input_size = 12, 100, 32, "resnet18", 64
+    axes, k, step, lr = (0, 1, 2), 2, 90, 1e-3
+
+
+TRAIN_DEFAULTS = _TrainDefaults
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -34,7 +45,7 @@ app = typer.Typer(
 out = Console()
 err = Console(stderr=True)
 
-USER_ERRORS = (io.VolumeError, BoxFileError, FileExistsError, BadValuesError)
+USER_ERRORS = (io.VolumeError, BoxFileError, FileExistsError, FileNotFoundError, BadValuesError)
 
 
 class UsageProblem(ValueError):
@@ -80,6 +91,11 @@ class Format(str, Enum):
 class Method(str, Enum):
     otsu = "otsu"
     threshold = "threshold"
+    rotation = "rotation"
+
+
+class Task(str, Enum):
+    rotation = "rotation"
 
 
 def version_callback(value: bool) -> None:
@@ -134,10 +150,23 @@ def _truth_volumes(truth_path: Path) -> tuple[list[BoxRecord], list[Path]]:
 
 
 def make_localizer(method: str, value: float | None = None, calibrate: Path | None = None,
-                   max_voxels: int = 256**3) -> tuple[Any, dict[str, Any]]:
+                   max_voxels: int = 256**3, model: Path | None = None,
+                   stride: int = 1) -> tuple[Any, dict[str, Any]]:
     """Build the localizer a CLI invocation asks for; returns it and its config."""
     from tomoloc.localize import OtsuLocalizer, ThresholdLocalizer, calibrate_threshold
 
+    if method == "rotation":
+        if model is None:
+            raise UsageProblem("--method rotation needs --model RUN_DIR (made by `tomoloc train --task rotation`)")
+        from tomoloc.localize.rotation import RotationLocalizer
+
+        loc = RotationLocalizer(model, stride=stride)
+        if loc.config.task != "rotation":
+            raise UsageProblem(f"--model {model}: trained for the {loc.config.task} task, not rotation")
+        return loc, {"method": "rotation", "model": str(model), "stride": stride,
+                     "sigma": loc.sigma, "min_contrast": loc.min_contrast, "max_gap": loc.max_gap}
+    if model is not None:
+        raise UsageProblem("--model belongs to the self-supervised methods (--method rotation)")
     if method == "otsu":
         if value is not None or calibrate is not None:
             raise UsageProblem("--value and --calibrate belong to --method threshold")
@@ -169,22 +198,94 @@ def localize(
     value: Optional[float] = typer.Option(None, help="Threshold value (method threshold)."),
     calibrate: Optional[Path] = typer.Option(None, help="Calibrate the threshold on this ground_truth.json."),
     max_voxels: int = typer.Option(256**3, help="Localize on a block-mean copy of at most this many voxels."),
+    model: Optional[Path] = typer.Option(None, help="Run directory of a trained model (method rotation)."),
+    stride: int = typer.Option(1, min=1, help="Rotation: evaluate every n-th slice, interpolate the rest."),
+    truth: Optional[Path] = typer.Option(None, help="ground_truth.json: draw the true boxes in the figures."),
 ) -> None:
     """Box the sample in each volume and write a tomoloc-boxes/1 file.
 
+    Self-supervised methods also write, per volume, their certainty profiles (.npz) and a
+    figure (.png) into OUT's sibling folder <out-stem>_details/.
+
     Example: tomoloc localize data/vol_*.npy --method otsu --out boxes.json
     """
-    localizer, cfg = make_localizer(method.value, value, calibrate, max_voxels)
+    localizer, cfg = make_localizer(method.value, value, calibrate, max_voxels, model, stride)
     from tomoloc.localize import localize_files
 
+    details = out_path.parent / f"{out_path.stem}_details" if method.value == "rotation" else None
+    truth_by_name = index_by_name(read_boxes(truth), truth) if truth else {}
     with _progress() as prog:
         task = prog.add_task(f"localize ({method.value})", total=len(volumes))
-        records = localize_files(volumes, localizer, lambda _p: prog.advance(task))
+        records = localize_files(volumes, localizer, lambda _p: prog.advance(task),
+                                 keep_details=details is not None)
+    if details is not None:
+        from tomoloc.report import write_profile_details
+
+        for r in records:
+            t = truth_by_name.get(r.name)
+            write_profile_details(details, r, t.bbox if t else None)
+            r.extra.pop("details", None)
+        out.print(f"certainty profiles and figures in {details}")
     write_boxes(out_path, records, config={**cfg, "tomoloc": __version__, "command": "localize"})
     for r in records:
         out.print(f"{r.volume}: bbox {[list(b) for b in r.bbox]}"
                   + ("  (nothing found: whole volume kept)" if r.extra["confidence"] == 0 else ""))
     out.print(f"wrote {len(records)} box(es) to {out_path}")
+
+
+# ----------------------------------------------------------------------------- train
+@app.command()
+@_user_errors
+def train(
+    volumes: list[str] = typer.Argument(..., help="Unlabelled volumes to learn from."),
+    task: Task = typer.Option(Task.rotation, help="Pretext task."),
+    out_dir: Path = typer.Option(..., "--out", help="Run directory: config, checkpoints, logs/metrics.csv."),
+    epochs: int = typer.Option(TRAIN_DEFAULTS.epochs, min=1, help="Epochs (validation and checkpoint after each)."),
+    steps: int = typer.Option(TRAIN_DEFAULTS.steps_per_epoch, min=1, help="Optimiser steps per epoch."),
+    batch_size: int = typer.Option(TRAIN_DEFAULTS.batch_size, min=2, help="Pairs per step (per device)."),
+    backbone: str = typer.Option(TRAIN_DEFAULTS.backbone, help="resnet18, resnet34 or resnet50."),
+    input_size: int = typer.Option(TRAIN_DEFAULTS.input_size, min=16, help="Network input side (slices are resized)."),
+    axes: str = typer.Option(",".join(map(str, TRAIN_DEFAULTS.axes)), help="Slicing axes, e.g. 0,1,2."),
+    k: int = typer.Option(TRAIN_DEFAULTS.k, min=0, help="Rotation: twin slice within k slices of the reference."),
+    angle_step: int = typer.Option(TRAIN_DEFAULTS.step, help="Rotation: angle step in degrees (divides 360)."),
+    lr: float = typer.Option(TRAIN_DEFAULTS.lr, help="Peak learning rate (AdamW, cosine schedule)."),
+    holder: str = typer.Option("none", help="none, or zmedian: subtract the per-pixel median over axis 0."),
+    devices: str = typer.Option("auto", help="auto/cpu, gpu, or a number of GPUs (DDP when > 1)."),
+    precision: str = typer.Option("32-true", help="32-true; on GPU also bf16-mixed or 16-mixed."),
+    workers: int = typer.Option(0, min=0, help="Data-loading worker processes."),
+    seed: int = typer.Option(0, help="Random seed (weights, split, samples)."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
+    overwrite: bool = typer.Option(False, help="Replace an earlier run in --out."),
+) -> None:
+    """Self-supervised training on an unlabelled batch (no labels needed).
+
+    Example: tomoloc train data/vol_*[0-9].npy --task rotation --out runs/rot
+    """
+    from tomoloc.training import TrainConfig, train as run_training
+
+    try:
+        ax = tuple(int(a) for a in axes.split(","))
+    except ValueError:
+        raise UsageProblem(f"--axes {axes!r}: expected comma-separated axes such as 0,1,2") from None
+    dev: str | int = int(devices) if devices.isdigit() else devices
+    try:
+        cfg = TrainConfig(task=task.value, backbone=backbone, input_size=input_size, batch_size=batch_size,
+                          epochs=epochs, steps_per_epoch=steps, lr=lr, seed=seed, devices=dev,
+                          precision=precision, num_workers=workers, axes=ax, k=k, step=angle_step,
+                          holder=holder)
+    except ValueError as exc:
+        raise UsageProblem(str(exc)) from None
+    for v in volumes:  # fail on a bad path before any work, with the file named
+        io.open_volume(v).close()
+    t0 = time.perf_counter()
+    try:
+        run_training(volumes, out_dir, cfg, resume=resume, progress=sys.stderr.isatty(), overwrite=overwrite)
+    except ValueError as exc:
+        if "cannot resume" in str(exc):
+            raise UsageProblem(str(exc)) from None
+        raise
+    out.print(f"trained {task.value} on {len(volumes)} volume(s) in {time.perf_counter() - t0:.0f} s; "
+              f"run in {out_dir} (checkpoints/best.ckpt, logs/metrics.csv)")
 
 
 # -------------------------------------------------------------------------- evaluate
@@ -291,14 +392,16 @@ def demo(
     shape: tuple[int, int, int] = typer.Option((64, 96, 96), help="Volume shape Z Y X."),
     seed: int = typer.Option(0, help="Random seed."),
     margin: int = typer.Option(4, min=0, help="Crop margin in voxels."),
+    epochs: int = typer.Option(4, min=1, help="Rotation-model training epochs."),
+    steps: int = typer.Option(50, min=1, help="Training steps per epoch."),
 ) -> None:
-    """Synthesize a batch, localize, crop, evaluate and write a report, end to end.
+    """Synthesize a batch, train, localize, crop, evaluate and write a report, end to end.
 
     Example: tomoloc demo --out demo_out
     """
     from tomoloc.demo import run_demo
 
-    run_demo(out_dir, n=n, shape=shape, seed=seed, margin=margin, console=out)
+    run_demo(out_dir, n=n, shape=shape, seed=seed, margin=margin, epochs=epochs, steps=steps, console=out)
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from tomoloc.boxes import BoxRecord, read_boxes, write_boxes
 from tomoloc.crop import crop_volume
 from tomoloc.evaluate import COLUMNS, evaluate, mean_row
 from tomoloc.localize import OtsuLocalizer, ThresholdLocalizer, calibrate_threshold, localize_files
-from tomoloc.report import BoxStyle, ReportEntry, figure_png, orthoviews, write_report
+from tomoloc.report import BoxStyle, ReportEntry, figure_png, orthoviews, write_profile_details, write_report
 
 MARKER = "demo_config.json"
 
@@ -41,13 +41,16 @@ def run_demo(
     shape: Sequence[int] = (64, 96, 96),
     seed: int = 0,
     margin: int = 4,
+    epochs: int = 4,
+    steps: int = 50,
     console: Console | None = None,
 ) -> dict[str, Any]:
     """Run the whole pipeline on a synthetic mixed batch and return the mean metrics.
 
-    The first half of the batch calibrates the supervised threshold baseline; every
-    method is scored on the second half only, so no method sees its test labels.
-    The label-free Otsu boxes drive the crop.
+    The rotation model trains on the whole batch without labels (as a user would on their
+    own batch). The first half of the batch calibrates the supervised threshold baseline;
+    every method is scored on the second half only, so no method sees its test labels.
+    The label-free rotation boxes drive the crop.
     """
     from tomoloc.synth import write_batch
 
@@ -55,7 +58,7 @@ def run_demo(
     out_dir = Path(out_dir)
     _prepare(out_dir)
     config = {"command": "demo", "n": n, "shape": list(shape), "seed": seed, "margin": margin,
-              "kind": "mixed", "tomoloc": __version__}
+              "kind": "mixed", "epochs": epochs, "steps": steps, "tomoloc": __version__}
     write_text_atomic(out_dir / MARKER, json.dumps(config, indent=1) + "\n")
 
     t0 = time.perf_counter()
@@ -72,12 +75,28 @@ def run_demo(
     for v in vols:
         v.close()
 
-    methods = {"otsu": OtsuLocalizer(), "threshold": ThresholdLocalizer(value)}
+    from tomoloc.localize.rotation import RotationLocalizer
+    from tomoloc.training import TrainConfig, train
+
+    t1 = time.perf_counter()
+    run_dir = out_dir / "rotation_run"
+    train(paths, run_dir, TrainConfig(task="rotation", epochs=epochs, steps_per_epoch=steps, seed=seed),
+          progress=False)
+    console.print(f"trained the rotation model on all {n} volumes (no labels) in "
+                  f"{time.perf_counter() - t1:.0f} s: {run_dir}")
+
+    methods = {"rotation": RotationLocalizer(run_dir), "otsu": OtsuLocalizer(),
+               "threshold": ThresholdLocalizer(value)}
+    truth_by_name = {r.name: r for r in truth}
     boxes: dict[str, list[BoxRecord]] = {}
     rows: list[dict[str, Any]] = []
     for name, loc in methods.items():
         t1 = time.perf_counter()
-        recs = localize_files(paths[test], loc)
+        recs = localize_files(paths[test], loc, keep_details=name == "rotation")
+        if name == "rotation":
+            for r in recs:
+                write_profile_details(out_dir / "rotation_details", r, truth_by_name[r.name].bbox)
+                r.extra.pop("details")
         # Store names relative to the box file so the folder can be moved as a whole.
         for r in recs:
             r.volume = str(Path(r.volume).relative_to(out_dir))
@@ -89,7 +108,7 @@ def run_demo(
                      "seconds/volume": (time.perf_counter() - t1) / len(recs)})
 
     crops = []
-    for r in boxes["otsu"]:
+    for r in boxes["rotation"]:
         crops.append(crop_volume(out_dir / r.volume, r.bbox, out_dir / "cropped", margin=margin))
     before = sum(c.bytes_before for c in crops)
     after = sum(c.bytes_after for c in crops)
@@ -103,32 +122,34 @@ def run_demo(
     console.print(table)
     console.print(f"threshold baseline calibrated on {n_cal} labelled volumes: value {value:.4g} "
                   f"(calibration MAE {cal_mae:.2f} voxels)")
-    console.print(f"cropped {len(crops)} volumes with the Otsu boxes + {margin} voxel margin: "
+    console.print(f"cropped {len(crops)} volumes with the rotation boxes + {margin} voxel margin: "
                   f"{before:,} -> {after:,} bytes ({before / max(after, 1):.2f}x smaller) in {out_dir / 'cropped'}")
 
-    truth_by_name = {r.name: r for r in truth}
     entries = []
-    for i, r in enumerate(boxes["otsu"]):
+    for i, r in enumerate(boxes["rotation"]):
         t = truth_by_name[r.name]
         styles = [BoxStyle(t.bbox, "truth", "#34c759", "--"),
-                  BoxStyle(r.bbox, "otsu", "#ff3b30"),
+                  BoxStyle(r.bbox, "rotation", "#ff3b30"),
+                  BoxStyle(boxes["otsu"][i].bbox, "otsu", "#ff9500", "-."),
                   BoxStyle(boxes["threshold"][i].bbox, "threshold (calibrated)", "#0a84ff", ":")]
         with io.open_volume(out_dir / r.volume) as vol:
             img = figure_png(orthoviews(vol, styles, center=[(a + b) // 2 for a, b in t.bbox]))
+        prof = (out_dir / "rotation_details" / f"{Path(r.name).stem}.png").read_bytes()
         flags = []
         if _touches_border(r):
-            flags.append("the Otsu box touches the volume border: the sample may be cut, or the box is the holder")
-        if r.extra.get("confidence", 1.0) == 0:
-            flags.append("Otsu found nothing; the whole volume was kept")
-        entries.append(ReportEntry(r.name, [img], {
-            "kind": t.extra.get("kind", ""), "otsu box": str([list(b) for b in r.bbox]),
+            flags.append("the box touches the volume border: the sample may continue outside the volume")
+        if r.extra.get("confidence", 1.0) < 0.2:
+            flags.append("low certainty contrast: the sample/background split is weak, check the box")
+        entries.append(ReportEntry(r.name, [img, prof], {
+            "kind": t.extra.get("kind", ""), "rotation box": str([list(b) for b in r.bbox]),
             "true box": str([list(b) for b in t.bbox]),
             "bytes before": crops[i].bytes_before, "bytes after": crops[i].bytes_after}, flags))
     report = write_report(
         out_dir / "report.html", "tomoloc demo", entries,
         summary=[{k: v for k, v in r.items() if k != "volume"} for r in rows],
-        intro=(f"Synthetic mixed batch (seed {seed}); green dashed = true box, red = Otsu, "
-               f"blue dotted = threshold calibrated on {n_cal} labelled volumes."),
+        intro=(f"Synthetic mixed batch (seed {seed}); green dashed = true box, red = rotation "
+               f"(self-supervised), orange = Otsu, blue dotted = threshold calibrated on {n_cal} "
+               "labelled volumes. Below each: the rotation model's certainty profiles."),
     )
     console.print(f"report: {report}")
     summary = {"methods": rows, "bytes_before": before, "bytes_after": after, "threshold": value}

@@ -161,3 +161,74 @@ def write_report(
         parts.append("</section>")
     parts.append("</body></html>\n")
     return write_text_atomic(path, "".join(parts))
+
+
+def profile_figure(
+    volume: Any,
+    profiles: dict[int, Sequence[float]],
+    intervals: dict[int, Sequence[float]],
+    factor: Sequence[int],
+    bbox: Bbox,
+    truth: Bbox | None = None,
+    title: str = "",
+) -> plt.Figure:
+    """Certainty profiles per axis with the chosen interval, above the orthogonal views.
+
+    ``profiles[a]`` is the per-slice certainty along axis ``a`` on the working copy
+    (downsampled by ``factor[a]``); it is drawn against original voxel coordinates.
+    ``intervals[a]`` is ``[lo, hi, threshold, contrast, found]`` on the working copy.
+    """
+    fig = plt.figure(figsize=(10.5, 6.6), dpi=80, layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1, 1.3])
+    axes = top.subplots(1, 3)
+    for a, ax in enumerate(axes):
+        if a not in profiles:
+            ax.set_axis_off()
+            continue
+        p = np.asarray(profiles[a])
+        x = (np.arange(p.size) + 0.5) * factor[a]
+        ax.plot(x, p, color="k", lw=1)
+        lo, hi, thr, contrast, found = intervals[a]
+        ax.axvspan(bbox[a][0], bbox[a][1], color="#ff3b30", alpha=0.15, label="found")
+        if truth is not None:
+            ax.axvline(truth[a][0], color="#34c759", ls="--", lw=1.2, label="truth")
+            ax.axvline(truth[a][1], color="#34c759", ls="--", lw=1.2)
+        if found:
+            ax.axhline(thr, color="#ff9500", lw=0.8, label="threshold")
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel(f"axis {a} (voxels)", fontsize=8)
+        ax.set_title(f"p(angle 0) along axis {a}" + ("" if found else " (no contrast)"), fontsize=9)
+        ax.tick_params(labelsize=7)
+    axes[0].legend(fontsize=7, loc="lower right")
+    views = orthoviews(volume, [BoxStyle(bbox, "found")] +
+                       ([BoxStyle(truth, "truth", "#34c759", "--")] if truth else []))
+    # Re-draw the orthoview figure inside the lower half as an image: keeps one code path.
+    bottom.subplots(1, 1).imshow(plt.imread(_io.BytesIO(figure_png(views)), format="png"))
+    bottom.axes[0].set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def write_profile_details(out_dir: str | os.PathLike, record: Any, truth: Bbox | None = None) -> None:
+    """Save one volume's certainty profiles (``<name>_profiles.npz``) and figure (``<name>.png``).
+
+    ``record`` is a :class:`tomoloc.boxes.BoxRecord` holding ``extra["details"]`` from a
+    profile-based localizer.
+    """
+    from tomoloc import io
+    from tomoloc._fsutil import atomic_path
+
+    d = record.extra["details"]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = Path(record.name).stem
+    arrays = {f"axis{a}": np.asarray(p, dtype=np.float32) for a, p in d["profiles"].items()}
+    arrays["factor"] = np.asarray(d["factor"])
+    arrays["bbox"] = np.asarray(record.bbox)
+    with atomic_path(out / f"{stem}_profiles.npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+    with io.open_volume(record.volume) as vol:
+        fig = profile_figure(vol, d["profiles"], d["intervals"], d["factor"], record.bbox, truth, record.name)
+        save_figure(fig, out / f"{stem}.png")

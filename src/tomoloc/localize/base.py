@@ -63,12 +63,14 @@ def whole_volume(shape: Sequence[int]) -> Bbox:
 
 
 def localize_files(
-    paths: Sequence[str], localizer: Localizer, on_done: Any = None
+    paths: Sequence[str], localizer: Localizer, on_done: Any = None, keep_details: bool = False
 ) -> list[BoxRecord]:
     """Run ``localizer`` on each volume file and return one box record per file, in order.
 
-    ``on_done(path)`` is called after each volume (progress bars). Bad values are raised
-    as :class:`tomoloc.io.VolumeError` naming the file.
+    ``on_done(path)`` is called after each volume (progress bars). Scalar details go into
+    the record's extra keys; with ``keep_details`` the whole details dict is kept under
+    ``extra["details"]`` (profiles for figures; remove it before writing a box file).
+    Bad values are raised as :class:`tomoloc.io.VolumeError` naming the file.
     """
     from tomoloc import io  # late: io imports heavy format libraries
 
@@ -82,6 +84,8 @@ def localize_files(
             extra = {"confidence": loc.confidence}
             extra.update({k: v for k, v in loc.details.items()
                           if isinstance(v, (int, float, str, bool, type(None)))})
+            if keep_details:
+                extra["details"] = loc.details
             records.append(BoxRecord(str(p), tuple(int(s) for s in vol.shape), loc.bbox, loc.method, extra))  # type: ignore[arg-type]
         if on_done is not None:
             on_done(p)

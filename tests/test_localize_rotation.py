@@ -1,0 +1,50 @@
+import numpy as np
+import pytest
+
+from tomoloc.localize.rotation import profile_interval
+
+
+def bump(n, lo, hi, low=0.25, high=0.9):
+    p = np.full(n, low)
+    p[lo:hi] = high
+    return p
+
+
+def test_clean_bump():
+    iv = profile_interval(bump(60, 20, 41), sigma=0)
+    assert (iv.lo, iv.hi, iv.found) == (20, 41, True)
+    assert 0.25 < iv.threshold < 0.9 and iv.contrast == pytest.approx(0.65)
+
+
+def test_noisy_bump_recovered_within_a_slice():
+    rng = np.random.default_rng(0)
+    p = bump(80, 25, 55) + rng.normal(0, 0.08, 80)
+    iv = profile_interval(p, sigma=1.0)
+    assert abs(iv.lo - 25) <= 1 and abs(iv.hi - 55) <= 1
+
+
+def test_two_bumps_far_apart_keeps_the_bigger():
+    p = bump(100, 10, 20)  # small, e.g. debris or the tube bottom
+    p[50:85] = 0.9  # the sample
+    iv = profile_interval(p, sigma=0)
+    assert (iv.lo, iv.hi) == (50, 85)
+
+
+def test_two_bumps_with_a_short_gap_are_merged():
+    p = bump(100, 30, 50)
+    p[53:70] = 0.9  # a gap of 3 slices (< 5% of 100): one sample with a weak middle
+    iv = profile_interval(p, sigma=0, max_gap=0.05)
+    assert (iv.lo, iv.hi) == (30, 70)
+
+
+def test_sample_touching_the_border():
+    iv = profile_interval(bump(50, 0, 18), sigma=0)
+    assert (iv.lo, iv.hi) == (0, 18)
+    iv = profile_interval(bump(50, 30, 50), sigma=0)
+    assert (iv.lo, iv.hi) == (30, 50)
+
+
+def test_flat_profile_keeps_whole_axis():
+    rng = np.random.default_rng(1)
+    iv = profile_interval(0.5 + rng.normal(0, 0.01, 40))
+    assert (iv.lo, iv.hi, iv.found) == (0, 40, False)

@@ -1,0 +1,30 @@
+import numpy as np
+import pytest
+
+from tomoloc.preprocess import network_input, normalize, robust_range, suppress_holder
+
+
+def test_suppress_holder_removes_what_runs_along_axis_0():
+    z, y, x = np.mgrid[:20, :16, :16]
+    tube = ((y - 9) ** 2 + (x - 6) ** 2 < 30).astype(np.float32) * 2.0  # off-centre, same in every slice
+    blob = ((z - 10) ** 2 + (y - 8) ** 2 + (x - 8) ** 2 < 9).astype(np.float32)  # in slices 8..12 only
+    out = suppress_holder(tube + blob)
+    np.testing.assert_array_equal(out[:7], 0.0)  # background slices: nothing left to orient by
+    np.testing.assert_array_equal(out[10], blob[10])  # the sample is untouched where it is
+    assert out.dtype == np.float32
+
+
+def test_normalize_maps_percentiles():
+    a = np.arange(101, dtype=np.float32)
+    assert robust_range(a, 1, 99) == pytest.approx((1.0, 99.0))
+    n = normalize(a)
+    assert n[1] == pytest.approx(0.0) and n[99] == pytest.approx(1.0)
+
+
+def test_network_input_modes():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(8, 6, 6)).astype(np.float32) + np.arange(6, dtype=np.float32)
+    np.testing.assert_allclose(network_input(a, "none"), normalize(a))
+    np.testing.assert_allclose(network_input(a, "zmedian"), normalize(suppress_holder(a)))
+    with pytest.raises(ValueError, match="holder"):
+        network_input(a, "ring")

@@ -1,0 +1,96 @@
+"""`tomoloc train --task rotation` and `tomoloc localize --method rotation`, end to end."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from test_training import f_volume
+from tomoloc.boxes import read_boxes
+from tomoloc.cli import TRAIN_DEFAULTS, app
+from tomoloc.training import TrainConfig
+
+N = 32
+LETTER_Z = (N // 8, N - N // 8)  # axis-0 slices that show the letter; the rest is noise
+
+
+def run(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rot")
+    vols = []
+    for s in range(8):
+        p = d / f"f_{s}.npy"
+        np.save(p, f_volume(s, N))
+        vols.append(str(p))
+    res = run("train", *vols, "--task", "rotation", "--out", d / "run", "--axes", "0", "--input-size", 32,
+              "--epochs", 3, "--steps", 40, "--batch-size", 16, "--seed", 0)
+    assert res.exit_code == 0, res.output
+    return d, vols
+
+
+def test_train_writes_a_complete_run(trained):
+    d, vols = trained
+    run_dir = d / "run"
+    doc = json.loads((run_dir / "config.json").read_text())
+    assert doc["config"]["task"] == "rotation" and doc["config"]["axes"] == [0]
+    assert doc["volumes"] == vols
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+    rows = (run_dir / "logs" / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch") and any(",0." in r for r in rows[1:])
+    # a second run into the same folder is refused, resuming with more epochs works
+    res = run("train", *vols, "--out", run_dir, "--axes", "0", "--input-size", 32, "--epochs", 3, "--steps", 40,
+              "--batch-size", 16)
+    assert res.exit_code == 2 and "already holds a run" in res.stderr
+    res = run("train", *vols, "--out", run_dir, "--axes", "0", "--input-size", 32, "--epochs", 4, "--steps", 40,
+              "--batch-size", 16, "--resume")
+    assert res.exit_code == 0, res.output
+    res = run("train", *vols, "--out", run_dir, "--axes", "0", "--input-size", 48, "--epochs", 5, "--resume")
+    assert res.exit_code == 2 and "input_size" in res.stderr
+
+
+def test_localize_rotation_finds_the_letter_slices(trained, tmp_path):
+    d, vols = trained
+    out = tmp_path / "boxes.json"
+    res = run("localize", *vols[:2], "--method", "rotation", "--model", d / "run", "--out", out)
+    assert res.exit_code == 0, res.output
+    recs = read_boxes(out)
+    assert [r.method for r in recs] == ["rotation", "rotation"]
+    for r in recs:
+        (z0, z1) = r.bbox[0]
+        assert abs(z0 - LETTER_Z[0]) <= 3 and abs(z1 - LETTER_Z[1]) <= 3, r.bbox
+        stem = r.name[:-4]
+        prof = np.load(tmp_path / "boxes_details" / f"{stem}_profiles.npz")
+        assert prof["axis0"].shape == (N,)
+        # certain on the letter, unsure on pure noise
+        assert prof["axis0"][LETTER_Z[0] + 2:LETTER_Z[1] - 2].mean() > prof["axis0"][:LETTER_Z[0] - 1].mean() + 0.2
+        assert (tmp_path / "boxes_details" / f"{stem}.png").stat().st_size > 1000
+    assert json.loads(out.read_text())["config"]["model"] == str(d / "run")
+
+
+def test_rotation_needs_a_model_of_the_right_kind(trained, tmp_path):
+    d, vols = trained
+    res = run("localize", vols[0], "--method", "rotation", "--out", tmp_path / "b.json")
+    assert res.exit_code == 2 and "--model" in res.stderr
+    res = run("localize", vols[0], "--method", "rotation", "--model", tmp_path / "nothing", "--out", tmp_path / "b.json")
+    assert res.exit_code == 2 and "nothing" in res.stderr
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_train_rejects_bad_input(tmp_path):
+    res = run("train", tmp_path / "missing.npy", "--out", tmp_path / "r")
+    assert res.exit_code == 2 and "missing.npy" in res.stderr
+    np.save(tmp_path / "v.npy", np.zeros((8, 8, 8), np.float32) + np.arange(8))
+    assert run("train", tmp_path / "v.npy", "--out", tmp_path / "r", "--axes", "0,x").exit_code == 2
+    assert run("train", tmp_path / "v.npy", "--out", tmp_path / "r", "--angle-step", "7").exit_code == 2
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_defaults_mirror_the_training_config():
+    cfg = TrainConfig()
+    for name in ("epochs", "steps_per_epoch", "batch_size", "backbone", "input_size", "axes", "k", "step", "lr"):
+        assert getattr(TRAIN_DEFAULTS, name) == getattr(cfg, name), name
