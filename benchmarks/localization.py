@@ -81,12 +81,13 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=defaults.epochs)
     ap.add_argument("--steps", type=int, default=defaults.steps_per_epoch)
     ap.add_argument("--holder", default=defaults.holder)
+    ap.add_argument("--max-shift", type=float, default=defaults.max_shift)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--devices", default="auto", help="auto/cpu, or gpu")
     ap.add_argument("--precision", default="32-true")
     args = ap.parse_args()
     cfg = TrainConfig(task="rotation", epochs=args.epochs, steps_per_epoch=args.steps, holder=args.holder,
-                      seed=args.seed, devices=args.devices, precision=args.precision)
+                      seed=args.seed, devices=args.devices, precision=args.precision, max_shift=args.max_shift)
     device = torch.cuda.get_device_name() if args.devices == "gpu" else "CPU"
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,13 +97,13 @@ def main() -> None:
         "Per batch kind: train on 16 synthetic volumes of 64x96x96 (seed 20), evaluate on 8 held-out volumes "
         f"(seed 21). Rotation model: resnet18, input {cfg.input_size}, batch {cfg.batch_size}, "
         f"{cfg.epochs} epochs x {cfg.steps_per_epoch} steps, axes {list(cfg.axes)}, twin range {cfg.k}, "
-        f"{cfg.step}-degree classes, holder {cfg.holder!r}, trained on {device} ({cfg.precision}).",
+        f"{cfg.step}-degree classes, holder {cfg.holder!r}, max shift {cfg.max_shift}, trained on {device} ({cfg.precision}).",
         "",
         "| batch | method | MAE (voxels) | rel. error (%) | IoU | mean recall | worst recall | reduction (x) | notes |",
         "|---|---|---|---|---|---|---|---|---|",
         *lines,
     ])
-    title = (f"Rotation localization: {'+'.join(args.batches)}, holder {cfg.holder}, "
+    title = (f"Rotation localization: {'+'.join(args.batches)}, holder {cfg.holder}, shift {cfg.max_shift}, "
              f"{cfg.epochs}x{cfg.steps_per_epoch} steps, {'GPU' if args.devices == 'gpu' else 'CPU'}")
     print(f"updated {update_section(title, body)}")
 

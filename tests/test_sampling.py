@@ -273,3 +273,17 @@ def test_prepare_volume_normalises_and_names_bad_files(tmp_path):
     np.save(tmp_path / "flat.npy", np.ones((4, 4, 4), np.float32))
     with pytest.raises(VolumeError, match="flat.npy"):
         prepare_volume(tmp_path / "flat.npy")
+
+
+def test_random_shift_is_seeded_translation_before_rotation():
+    rng = np.random.default_rng(3)
+    vols = [rng.normal(size=(6, 16, 16)).astype(np.float32)]
+    plain = RotationPairDataset(vols, axes=(0,), input_size=16, length=8, seed=4)
+    shifted = RotationPairDataset(vols, axes=(0,), input_size=16, length=8, seed=4, max_shift=0.25)
+    a, b = shifted[0], shifted[0]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # deterministic per key
+    differs = sum(not torch.equal(plain[i][0], shifted[i][0]) for i in range(8))
+    assert differs >= 6  # up to 4 px offsets: almost every draw moves the slice
+    assert all(int(plain[i][2]) == int(shifted[i][2]) for i in range(8))  # labels unchanged
+    with pytest.raises(ValueError, match="max_shift"):
+        RotationPairDataset(vols, max_shift=0.6)

@@ -229,7 +229,8 @@ def localize(
     write_boxes(out_path, records, config={**cfg, "tomoloc": __version__, "command": "localize"})
     for r in records:
         out.print(f"{r.volume}: bbox {[list(b) for b in r.bbox]}"
-                  + ("  (nothing found: whole volume kept)" if r.extra["confidence"] == 0 else ""))
+                  + ("  (no sample/background split found: the whole extent was kept)"
+                     if r.extra["confidence"] == 0 else ""))
     out.print(f"wrote {len(records)} box(es) to {out_path}")
 
 
@@ -261,8 +262,9 @@ def train(
 
     Example: tomoloc train data/vol_*[0-9].npy --task rotation --out runs/rot
     """
-    from tomoloc.training import TrainConfig, train as run_training
+    from tomoloc.training import TrainConfig, quiet_lightning, train as run_training
 
+    quiet_lightning()
     try:
         ax = tuple(int(a) for a in axes.split(","))
     except ValueError:

@@ -245,6 +245,11 @@ class RotationPairDataset(Dataset):
     slice_weights : callable, optional
         ``f(n) -> (n,)`` non-negative weights for the reference index along an axis of
         ``n`` slices (e.g. :func:`generalized_gaussian_weights`); uniform when omitted.
+    max_shift : float
+        Before rotating, shift each slice by an independent random offset of up to
+        ``max_shift * S`` pixels per direction (edge values repeated). Where a tube sits
+        off the rotation axis, its position would tell the angle in every slice; random
+        offsets make position useless, so only the shape of what is in the slice can tell.
 
     Returns (``__getitem__``)
     -------------------------
@@ -266,7 +271,11 @@ class RotationPairDataset(Dataset):
         length: int = 1024,
         seed: int = 0,
         slice_weights: Callable[[int], np.ndarray] | None = None,
+        max_shift: float = 0.0,
     ):
+        if not 0.0 <= max_shift < 0.5:
+            raise ValueError(f"max_shift must be in [0, 0.5), got {max_shift!r}")
+        self.max_shift = float(max_shift)
         self.volumes = [np.asarray(v, dtype=np.float32) for v in volumes]
         if not self.volumes:
             raise ValueError("RotationPairDataset needs at least one volume")
@@ -323,9 +332,13 @@ class RotationPairDataset(Dataset):
             self._probs[key] = w / w.sum()
         return int(rng.choice(n, p=self._probs[key]))
 
-    def view(self, volume: int, axis: int, index: int, angle: float) -> np.ndarray:
-        """Slice ``index`` rotated by ``angle`` and zeroed outside the circle, ``(S, S)``."""
-        img = rotate(self.stack(volume, axis)[index], angle)
+    def view(self, volume: int, axis: int, index: int, angle: float,
+             shift: tuple[int, int] = (0, 0)) -> np.ndarray:
+        """Slice ``index`` shifted by ``shift``, rotated by ``angle``, zeroed outside the circle."""
+        img = self.stack(volume, axis)[index]
+        if shift != (0, 0):
+            img = _shift(img, shift)
+        img = rotate(img, angle)
         return np.where(self.mask, img, np.float32(0)).astype(np.float32, copy=False)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
@@ -343,12 +356,24 @@ class RotationPairDataset(Dataset):
         j = _twin_index(rng, i, n, self.k)
         c_ref, c_twin = (int(c) for c in rng.integers(self.n_classes, size=2))
         a_ref, a_twin = c_ref * self.step, c_twin * self.step
-        ref = self.view(v, axis, i, a_ref)
-        twin = self.view(v, axis, j, a_twin)
+        m = int(round(self.max_shift * self.input_size))
+        s_ref, s_twin = ((0, 0), (0, 0)) if m == 0 else (
+            tuple(int(d) for d in rng.integers(-m, m + 1, size=2)) for _ in range(2))
+        ref = self.view(v, axis, i, a_ref, s_ref)
+        twin = self.view(v, axis, j, a_twin, s_twin)
         label = relative_angle_class(a_ref, a_twin, self.step)
         meta = {"volume": v, "axis": axis, "ref_index": i, "twin_index": j, "ref_angle": a_ref,
                 "twin_angle": a_twin, "epoch": epoch}
         return torch.from_numpy(ref[None]), torch.from_numpy(twin[None]), torch.tensor(label, dtype=torch.int64), meta
+
+
+def _shift(img: np.ndarray, shift: tuple[int, int]) -> np.ndarray:
+    """Translate a 2D image by integer ``(dy, dx)``, repeating edge values into the gap."""
+    dy, dx = shift
+    h, w = img.shape
+    p = max(abs(dy), abs(dx))
+    padded = np.pad(img, p, mode="edge")
+    return np.ascontiguousarray(padded[p - dy:p - dy + h, p - dx:p - dx + w])
 
 
 def unrotated_pairs(volume: Any, axis: int, size: int, k: int = 1, stride: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

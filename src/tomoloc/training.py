@@ -112,6 +112,9 @@ class TrainConfig:
         (:func:`tomoloc.preprocess.suppress_holder`), meant to take the tube's orientation
         cue away; on synthetic tube batches it made boxes tighter but cut samples (mean
         recall 0.47 against 1.0), so it is not the default (see BENCHMARKS.md).
+    max_shift : float
+        Random translation of each training slice, as a fraction of the input side
+        (:class:`tomoloc.sampling.RotationPairDataset`); 0 disables it.
     """
 
     task: str = "rotation"
@@ -136,6 +139,7 @@ class TrainConfig:
     dropout: float = 0.1
     margin: float = 1.0
     holder: str = "none"
+    max_shift: float = 0.0
 
     def __post_init__(self) -> None:
         self.axes = tuple(int(a) for a in self.axes)
@@ -289,7 +293,7 @@ class VolumeDataModule(L.LightningDataModule):
             return
         arrays = self.load()
         c = self.config
-        common = dict(axes=c.axes, k=c.k, step=c.step, input_size=c.input_size)
+        common = dict(axes=c.axes, k=c.k, step=c.step, input_size=c.input_size, max_shift=c.max_shift)
         # Every device runs steps_per_epoch steps of batch_size pairs per epoch.
         length = c.steps_per_epoch * c.batch_size * self._world_size()
         self.train_dataset = RotationPairDataset([arrays[i] for i in self.train_ids], length=length,
@@ -429,6 +433,14 @@ def _keep_old_metrics(logger: Any, rows: list[dict[str, str]], keys: list[str], 
         w.writerows(rows)
     # Known columns: the writer only rewrites the header when a new one appears.
     writer.metrics_keys = sorted(keys)
+
+
+def quiet_lightning() -> None:
+    """Keep Lightning's start-up notices (accelerator found, tips) off a command's output."""
+    import logging
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def train(
