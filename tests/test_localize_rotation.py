@@ -11,7 +11,7 @@ def bump(n, lo, hi, low=0.25, high=0.9):
 
 
 def test_clean_bump():
-    iv = profile_interval(bump(60, 20, 41), sigma=0)
+    iv = profile_interval(bump(60, 20, 41), sigma=0, extend=0)
     assert (iv.lo, iv.hi, iv.found) == (20, 41, True)
     assert 0.25 < iv.threshold < 0.9 and iv.contrast == pytest.approx(0.65)
 
@@ -26,7 +26,7 @@ def test_noisy_bump_recovered_within_a_slice():
 def test_two_bumps_far_apart_keeps_the_bigger():
     p = bump(100, 10, 20)  # small, e.g. debris or the tube bottom
     p[50:85] = 0.9  # the sample
-    iv = profile_interval(p, sigma=0)
+    iv = profile_interval(p, sigma=0, extend=0)
     assert (iv.lo, iv.hi) == (50, 85)
 
 
@@ -48,3 +48,13 @@ def test_flat_profile_keeps_whole_axis():
     rng = np.random.default_rng(1)
     iv = profile_interval(0.5 + rng.normal(0, 0.01, 40))
     assert (iv.lo, iv.hi, iv.found) == (0, 40, False)
+
+
+def test_hysteresis_keeps_half_certain_edge_slices():
+    p = bump(60, 20, 40)
+    p[16:20] = p[40:43] = 0.4  # edge slices: above background, not above Otsu's threshold
+    assert (profile_interval(p, sigma=0, extend=0).lo, profile_interval(p, sigma=0, extend=0).hi) == (20, 40)
+    iv = profile_interval(p, sigma=0, extend=0.5)  # low level = midway between threshold and 0.25
+    assert (iv.lo, iv.hi) == (16, 43)
+    iv = profile_interval(p + 0.0, sigma=0, extend=1.0)
+    assert (iv.lo, iv.hi) == (16, 43)  # never past the background level itself

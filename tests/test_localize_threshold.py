@@ -83,3 +83,12 @@ def test_calibration_picks_a_value_that_recovers_the_boxes():
     assert mae == 0.0
     for v, b in zip(vols, boxes):
         assert ThresholdLocalizer(value).localize(v).bbox == b
+
+
+def test_otsu_ignores_the_fill_outside_the_field_of_view():
+    vol, box = easy_volume(shape=(20, 40, 40), box=((5, 15), (12, 25), (14, 27)))
+    _, y, x = np.mgrid[:20, :40, :40]
+    outside = (y - 19.5) ** 2 + (x - 19.5) ** 2 > 20**2
+    vol[outside] = -2000.0  # a clinical scanner's padding value
+    # Without the fill rule Otsu splits padding from everything else: the whole field of view.
+    assert OtsuLocalizer().localize(vol).bbox == box

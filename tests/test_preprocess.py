@@ -28,3 +28,16 @@ def test_network_input_modes():
     np.testing.assert_allclose(network_input(a, "zmedian"), normalize(suppress_holder(a)))
     with pytest.raises(ValueError, match="holder"):
         network_input(a, "ring")
+
+
+def test_fill_value_detection_and_normalisation():
+    from tomoloc.preprocess import fill_value, measured_values
+
+    a = np.linspace(0, 1, 1000, dtype=np.float32).reshape(10, 10, 10)
+    assert fill_value(a) is None  # a unique minimum is data, not fill
+    a[0] = -2000.0
+    assert fill_value(a) == -2000.0
+    assert measured_values(a).min() > -1
+    n = normalize(a)
+    np.testing.assert_array_equal(n[0], 0.0)  # the fill sits at the 1st-percentile level
+    assert -0.05 < n.min() and n.max() < 1.05  # not -2000 / (range) far below the data

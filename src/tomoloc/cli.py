@@ -164,7 +164,8 @@ def make_localizer(method: str, value: float | None = None, calibrate: Path | No
         if loc.config.task != "rotation":
             raise UsageProblem(f"--model {model}: trained for the {loc.config.task} task, not rotation")
         return loc, {"method": "rotation", "model": str(model), "stride": stride,
-                     "sigma": loc.sigma, "min_contrast": loc.min_contrast, "max_gap": loc.max_gap}
+                     "sigma": loc.sigma, "min_contrast": loc.min_contrast, "max_gap": loc.max_gap,
+                     "extend": loc.extend}
     if model is not None:
         raise UsageProblem("--model belongs to the self-supervised methods (--method rotation)")
     if method == "otsu":

@@ -83,10 +83,32 @@ def _block_mean_2d(img: np.ndarray, f: int) -> np.ndarray:
         return np.nanmean(blocks, axis=(1, 3)).astype(np.float32)
 
 
+def fill_value(data: np.ndarray, min_fraction: float = 0.01) -> float | None:
+    """The constant written outside the reconstruction's field of view, or ``None``.
+
+    Reconstructions pad the corners outside the circular field of view with one value
+    (0, -1000, -2000 ...). It is the volume's minimum, and no measured region is exactly
+    constant, so a minimum held by at least ``min_fraction`` of the voxels is taken as fill.
+    Thresholds and intensity ranges must ignore it: it is not data, and a -2000 border
+    drags Otsu's threshold below air.
+    """
+    a = np.asarray(data)
+    lo = a.min()
+    return float(lo) if np.count_nonzero(a == lo) >= min_fraction * a.size else None
+
+
+def measured_values(data: np.ndarray) -> np.ndarray:
+    """The voxel values of ``data`` without the field-of-view fill (flat, float32)."""
+    flat = np.asarray(data, dtype=np.float32).ravel()
+    fill = fill_value(flat)
+    return flat if fill is None else flat[flat != fill]
+
+
 def robust_range(data: np.ndarray, low: float = 1.0, high: float = 99.0, max_samples: int = 1_000_000,
                  seed: int = 0) -> tuple[float, float]:
-    """The ``low`` and ``high`` percentiles of ``data`` (subsampled for speed), ``hi > lo``."""
-    flat = np.asarray(data, dtype=np.float32).ravel()
+    """The ``low`` and ``high`` percentiles of ``data``'s measured values (fill excluded,
+    subsampled for speed), ``hi > lo``."""
+    flat = measured_values(data)
     if flat.size > max_samples:
         flat = np.random.default_rng(seed).choice(flat, max_samples, replace=False)
     lo, hi = np.percentile(flat, [low, high])
@@ -98,11 +120,15 @@ def robust_range(data: np.ndarray, low: float = 1.0, high: float = 99.0, max_sam
 def normalize(data: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
     """Map the ``low``/``high`` percentiles of ``data`` to 0/1 (float32, not clipped).
 
-    Percentiles rather than min/max so a few dense debris particles or a padding value
-    outside the field of view do not squash the sample's contrast.
+    Percentiles rather than min/max so a few dense debris particles do not squash the
+    sample's contrast; the field-of-view fill (:func:`fill_value`) is left out and mapped to 0.
     """
+    data = np.asarray(data, dtype=np.float32)
     lo, hi = robust_range(data, low, high)
-    return ((np.asarray(data, dtype=np.float32) - lo) / (hi - lo)).astype(np.float32)
+    fill = fill_value(data)
+    if fill is not None:
+        data = np.where(data == fill, np.float32(lo), data)  # the fill maps to 0, not far below it
+    return ((data - lo) / (hi - lo)).astype(np.float32)
 
 
 #: Ways to suppress the sample holder before a volume goes into a network.

@@ -36,7 +36,8 @@ class Interval:
 
 
 def profile_interval(
-    profile: np.ndarray, sigma: float = 1.0, min_contrast: float = 0.1, max_gap: float = 0.05
+    profile: np.ndarray, sigma: float = 1.0, min_contrast: float = 0.1, max_gap: float = 0.05,
+    extend: float = 0.5,
 ) -> Interval:
     """The sample's interval on a certainty profile ``(n,)``.
 
@@ -44,7 +45,10 @@ def profile_interval(
     splits background from sample levels; runs above the threshold separated by gaps of
     at most ``max_gap * n`` slices are merged (a sample can have a weak middle, e.g. a
     fish's thin body between head and tail), and the run with the largest mass above the
-    threshold wins. When the profile's contrast (90th minus 10th percentile) is below
+    threshold wins. The run then grows outwards while the profile stays above a lower level,
+    ``extend`` of the way from the threshold down to the background level (10th percentile):
+    hysteresis, so a sample whose edge slices are only half certain is not cut (0 disables).
+    When the profile's contrast (90th minus 10th percentile) is below
     ``min_contrast`` there is no background/sample split to trust, and the whole axis is
     returned with ``found=False``: a crop must err on the side of too big.
     """
@@ -68,8 +72,13 @@ def profile_interval(
             merged[-1][1] = b
         else:
             merged.append([a, b])
-    best = max(merged, key=lambda r: float(np.clip(p[r[0]:r[1]] - thr, 0, None).sum()))
-    return Interval(int(best[0]), int(best[1]), thr, contrast, True)
+    lo, hi = max(merged, key=lambda r: float(np.clip(p[r[0]:r[1]] - thr, 0, None).sum()))
+    low = thr - extend * (thr - lo_level)
+    while lo > 0 and p[lo - 1] > low:
+        lo -= 1
+    while hi < n and p[hi] > low:
+        hi += 1
+    return Interval(int(lo), int(hi), thr, contrast, True)
 
 
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
@@ -124,7 +133,7 @@ class RotationLocalizer:
         Axes whose certainty profile sets the interval; the others keep the whole extent.
     stride : int
         Evaluate every ``stride``-th slice (others interpolated).
-    sigma, min_contrast, max_gap : float
+    sigma, min_contrast, max_gap, extend : float
         See :func:`profile_interval`.
     which : str
         Checkpoint: ``"best"`` (lowest validation loss) or ``"last"``.
@@ -138,6 +147,7 @@ class RotationLocalizer:
     sigma: float = 1.0
     min_contrast: float = 0.1
     max_gap: float = 0.05
+    extend: float = 0.5
     which: str = "best"
     device: str = "auto"
     batch_size: int = 128
@@ -172,7 +182,7 @@ class RotationLocalizer:
                 continue
             prof = certainty_profile(self._net, data, axis, cfg.input_size, self.stride,
                                      self.batch_size, self._dev)
-            iv = profile_interval(prof, self.sigma, self.min_contrast, self.max_gap)
+            iv = profile_interval(prof, self.sigma, self.min_contrast, self.max_gap, self.extend)
             profiles[axis], intervals[axis] = prof, iv
             box.append((iv.lo, iv.hi))
         found = [iv.found for iv in intervals.values()]

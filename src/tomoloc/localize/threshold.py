@@ -22,6 +22,7 @@ from tomoloc.localize.base import (
     working_copy,
 )
 from tomoloc.metrics import box_mae
+from tomoloc.preprocess import measured_values
 
 
 def threshold_box(work: WorkingCopy, value: float) -> Bbox | None:
@@ -40,14 +41,15 @@ def _result(work: WorkingCopy, value: float, method: str) -> Localization:
 
 @dataclass
 class OtsuLocalizer:
-    """Otsu's threshold on the whole volume, largest 3D component, its box."""
+    """Otsu's threshold on the volume's measured voxels, largest 3D component, its box."""
 
     max_voxels: int = 256**3
     name: str = "otsu"
 
     def localize(self, volume: Any) -> Localization:
         work = working_copy(volume, self.max_voxels)
-        return _result(work, float(threshold_otsu(work.data)), self.name)
+        # Otsu on the measured voxels only: the fill outside the field of view is not data.
+        return _result(work, float(threshold_otsu(measured_values(work.data))), self.name)
 
 
 @dataclass
@@ -70,8 +72,8 @@ def calibrate_threshold(
 ) -> tuple[float, float]:
     """Choose the threshold that minimises the mean box MAE over labelled volumes.
 
-    Candidates are ``n_candidates`` quantiles (0.5%–99.9%) of the pooled intensities, so
-    the search adapts to the data's units.
+    Candidates are ``n_candidates`` quantiles (0.5%–99.9%) of the pooled measured
+    intensities (field-of-view fill left out), so the search adapts to the data's units.
 
     Parameters
     ----------
@@ -88,7 +90,8 @@ def calibrate_threshold(
     works = [working_copy(v, max_voxels) for v in volumes]
     rng = np.random.default_rng(0)
     pooled = np.concatenate(
-        [rng.choice(w.data.ravel(), size=min(w.data.size, 200_000), replace=False) for w in works]
+        [rng.choice(v, size=min(v.size, 200_000), replace=False)
+         for v in (measured_values(w.data) for w in works)]
     )
     candidates = np.unique(np.quantile(pooled, np.linspace(0.005, 0.999, n_candidates)))
     best = (float("inf"), float(candidates[0]))
