@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from tomoloc._fsutil import write_text_atomic  # noqa: E402
+from tomoloc._fsutil import atomic_path, write_text_atomic  # noqa: E402
 from tomoloc.boxes import Bbox  # noqa: E402
 
 #: Views as (title, axis sliced, (row axis, column axis)) of a (Z, Y, X) volume.
@@ -50,12 +50,22 @@ def orthoviews(
     ``volume`` is a 3D array-like (Z, Y, X); axis 0, the rotation axis, runs downwards in
     the coronal and sagittal views.
     """
+    fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.9), dpi=80, layout="constrained")
+    draw_orthoviews(axes, volume, boxes, center)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def draw_orthoviews(
+    axes: Sequence[Any], volume: Any, boxes: Sequence[BoxStyle], center: Sequence[int] | None = None
+) -> None:
+    """Draw the three views of :func:`orthoviews` onto three existing matplotlib axes."""
     shape = tuple(int(s) for s in volume.shape)
     if center is None:
         center = (
             [(lo + hi) // 2 for lo, hi in boxes[0].bbox] if boxes else [s // 2 for s in shape]
         )
-    fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.9), dpi=80, layout="constrained")
     for ax, (name, axis, (ra, ca)) in zip(axes, VIEWS):
         img = _read_slice(volume, axis, int(np.clip(center[axis], 0, shape[axis] - 1)))
         lo, hi = np.percentile(img, [1, 99.5]) if img.size else (0, 1)
@@ -72,9 +82,6 @@ def orthoviews(
         ax.set_yticks([])
     if boxes:
         axes[0].legend(loc="lower left", fontsize=7, framealpha=0.7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    return fig
 
 
 def figure_png(fig: plt.Figure) -> bytes:
@@ -87,8 +94,6 @@ def figure_png(fig: plt.Figure) -> bytes:
 
 def save_figure(fig: plt.Figure, path: str | os.PathLike) -> Path:
     """Save a figure as PNG atomically and close it."""
-    from tomoloc._fsutil import atomic_path
-
     with atomic_path(path) as tmp:
         tmp.write_bytes(figure_png(fig))
     return Path(path)
@@ -200,11 +205,8 @@ def profile_figure(
         ax.set_title(f"p(angle 0) along axis {a}" + ("" if found else " (no contrast)"), fontsize=9)
         ax.tick_params(labelsize=7)
     axes[0].legend(fontsize=7, loc="lower right")
-    views = orthoviews(volume, [BoxStyle(bbox, "found")] +
-                       ([BoxStyle(truth, "truth", "#34c759", "--")] if truth else []))
-    # Re-draw the orthoview figure inside the lower half as an image: keeps one code path.
-    bottom.subplots(1, 1).imshow(plt.imread(_io.BytesIO(figure_png(views)), format="png"))
-    bottom.axes[0].set_axis_off()
+    draw_orthoviews(bottom.subplots(1, 3), volume, [BoxStyle(bbox, "found")] +
+                    ([BoxStyle(truth, "truth", "#34c759", "--")] if truth else []))
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
@@ -217,7 +219,6 @@ def write_profile_details(out_dir: str | os.PathLike, record: Any, truth: Bbox |
     profile-based localizer.
     """
     from tomoloc import io
-    from tomoloc._fsutil import atomic_path
 
     d = record.extra["details"]
     out = Path(out_dir)
