@@ -92,5 +92,8 @@ def test_train_rejects_bad_input(tmp_path):
 
 def test_cli_defaults_mirror_the_training_config():
     cfg = TrainConfig()
-    for name in ("epochs", "steps_per_epoch", "batch_size", "backbone", "input_size", "axes", "k", "step", "lr"):
+    for name in ("epochs", "steps_per_epoch", "batch_size", "backbone", "input_size", "k", "step", "lr", "margin",
+                 "sampling"):
         assert getattr(TRAIN_DEFAULTS, name) == getattr(cfg, name), name
+    for task in ("rotation", "sorting"):
+        assert TRAIN_DEFAULTS.axes[task] == TrainConfig(task=task).axes

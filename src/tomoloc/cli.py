@@ -31,7 +31,8 @@ class _TrainDefaults:
     CLI starts without importing torch and Lightning."""
 
     epochs, steps_per_epoch, batch_size, backbone, input_size = 12, 100, 32, "resnet18", 64
-    axes, k, step, lr = (0, 1, 2), 2, 90, 1e-3
+    axes = {"rotation": (0, 1, 2), "sorting": (0,)}
+    k, step, lr, margin, sampling = 2, 90, 1e-3, 1.0, "uniform"
 
 
 TRAIN_DEFAULTS = _TrainDefaults
@@ -92,10 +93,23 @@ class Method(str, Enum):
     otsu = "otsu"
     threshold = "threshold"
     rotation = "rotation"
+    sorting = "sorting"
 
 
 class Task(str, Enum):
     rotation = "rotation"
+    sorting = "sorting"
+
+
+class Sampling(str, Enum):
+    uniform = "uniform"
+    gengauss = "gengauss"
+
+
+class RunMethod(str, Enum):
+    sorting = "sorting"
+    rotation = "rotation"
+    otsu = "otsu"
 
 
 def version_callback(value: bool) -> None:
@@ -151,10 +165,24 @@ def _truth_volumes(truth_path: Path) -> tuple[list[BoxRecord], list[Path]]:
 
 def make_localizer(method: str, value: float | None = None, calibrate: Path | None = None,
                    max_voxels: int = 256**3, model: Path | None = None,
-                   stride: int = 1) -> tuple[Any, dict[str, Any]]:
+                   stride: int = 1, mc_samples: int = 10, top_fraction: float = 0.03,
+                   seed: int = 0) -> tuple[Any, dict[str, Any]]:
     """Build the localizer a CLI invocation asks for; returns it and its config."""
     from tomoloc.localize import OtsuLocalizer, ThresholdLocalizer, calibrate_threshold
 
+    if method == "sorting":
+        if model is None:
+            raise UsageProblem("--method sorting needs --model RUN_DIR (made by `tomoloc train --task sorting`)")
+        if not 0 < top_fraction <= 1:
+            raise UsageProblem(f"--top-fraction {top_fraction}: must be in (0, 1]")
+        from tomoloc.localize.sorting import SortingLocalizer
+
+        sloc = SortingLocalizer(model, mc_samples=mc_samples, top_fraction=top_fraction, seed=seed)
+        if sloc.config.task != "sorting":
+            raise UsageProblem(f"--model {model}: trained for the {sloc.config.task} task, not sorting")
+        return sloc, {"method": "sorting", "model": str(model), "mc_samples": mc_samples,
+                      "top_fraction": top_fraction, "output_stride": sloc.output_stride,
+                      "statistic": sloc.statistic, "seed": seed}
     if method == "rotation":
         if model is None:
             raise UsageProblem("--method rotation needs --model RUN_DIR (made by `tomoloc train --task rotation`)")
@@ -167,7 +195,7 @@ def make_localizer(method: str, value: float | None = None, calibrate: Path | No
                      "sigma": loc.sigma, "min_contrast": loc.min_contrast, "max_gap": loc.max_gap,
                      "extend": loc.extend}
     if model is not None:
-        raise UsageProblem("--model belongs to the self-supervised methods (--method rotation)")
+        raise UsageProblem("--model belongs to the self-supervised methods (--method rotation or sorting)")
     if method == "otsu":
         if value is not None or calibrate is not None:
             raise UsageProblem("--value and --calibrate belong to --method threshold")
@@ -199,39 +227,44 @@ def localize(
     value: Optional[float] = typer.Option(None, help="Threshold value (method threshold)."),
     calibrate: Optional[Path] = typer.Option(None, help="Calibrate the threshold on this ground_truth.json."),
     max_voxels: int = typer.Option(256**3, help="Localize on a block-mean copy of at most this many voxels."),
-    model: Optional[Path] = typer.Option(None, help="Run directory of a trained model (method rotation)."),
+    model: Optional[Path] = typer.Option(None, help="Run directory of a trained model (rotation, sorting)."),
     stride: int = typer.Option(1, min=1, help="Rotation: evaluate every n-th slice, interpolate the rest."),
+    mc_samples: int = typer.Option(10, min=2, help="Sorting: Monte-Carlo dropout passes per slice."),
+    top_fraction: float = typer.Option(0.03, help="Sorting: share of superpixels with the highest variance kept."),
+    seed: int = typer.Option(0, help="Sorting: seed of the dropout masks."),
     truth: Optional[Path] = typer.Option(None, help="ground_truth.json: draw the true boxes in the figures."),
 ) -> None:
     """Box the sample in each volume and write a tomoloc-boxes/1 file.
 
-    Self-supervised methods also write, per volume, their certainty profiles (.npz) and a
-    figure (.png) into OUT's sibling folder <out-stem>_details/.
+    Self-supervised methods also write, per volume, their certainty profiles or variance
+    maps (.npz) and a figure (.png) into OUT's sibling folder <out-stem>_details/.
 
     Example: tomoloc localize data/vol_*.npy --method otsu --out boxes.json
     """
-    localizer, cfg = make_localizer(method.value, value, calibrate, max_voxels, model, stride)
+    localizer, cfg = make_localizer(method.value, value, calibrate, max_voxels, model, stride, mc_samples,
+                                    top_fraction, seed)
     from tomoloc.localize import localize_files
 
-    details = out_path.parent / f"{out_path.stem}_details" if method.value == "rotation" else None
+    ssl = method.value in ("rotation", "sorting")
+    details = out_path.parent / f"{out_path.stem}_details" if ssl else None
     truth_by_name = index_by_name(read_boxes(truth), truth) if truth else {}
     with _progress() as prog:
         task = prog.add_task(f"localize ({method.value})", total=len(volumes))
         records = localize_files(volumes, localizer, lambda _p: prog.advance(task),
                                  keep_details=details is not None)
     if details is not None:
-        from tomoloc.report import write_profile_details
+        from tomoloc.report import write_details
 
         for r in records:
             t = truth_by_name.get(r.name)
-            write_profile_details(details, r, t.bbox if t else None)
+            write_details(details, r, t.bbox if t else None)
             r.extra.pop("details", None)
-        out.print(f"certainty profiles and figures in {details}")
+        out.print(f"{'certainty profiles' if method.value == 'rotation' else 'variance maps'} and figures in {details}")
     write_boxes(out_path, records, config={**cfg, "tomoloc": __version__, "command": "localize"})
     for r in records:
         out.print(f"{r.volume}: bbox {[list(b) for b in r.bbox]}"
                   + ("  (no sample/background split found: the whole extent was kept)"
-                     if r.extra["confidence"] == 0 else ""))
+                     if r.extra["confidence"] == 0 and method.value == "rotation" else ""))
     out.print(f"wrote {len(records)} box(es) to {out_path}")
 
 
@@ -247,10 +280,12 @@ def train(
     batch_size: int = typer.Option(TRAIN_DEFAULTS.batch_size, min=2, help="Pairs per step (per device)."),
     backbone: str = typer.Option(TRAIN_DEFAULTS.backbone, help="resnet18, resnet34 or resnet50."),
     input_size: int = typer.Option(TRAIN_DEFAULTS.input_size, min=16, help="Network input side (slices are resized)."),
-    axes: str = typer.Option(",".join(map(str, TRAIN_DEFAULTS.axes)), help="Slicing axes, e.g. 0,1,2."),
+    axes: Optional[str] = typer.Option(None, help="Slicing axes, e.g. 0,1,2 (default: 0,1,2 for rotation, 0 for sorting)."),
     k: int = typer.Option(TRAIN_DEFAULTS.k, min=0, help="Rotation: twin slice within k slices of the reference."),
     angle_step: int = typer.Option(TRAIN_DEFAULTS.step, help="Rotation: angle step in degrees (divides 360)."),
     lr: float = typer.Option(TRAIN_DEFAULTS.lr, help="Peak learning rate (AdamW, cosine schedule)."),
+    margin: float = typer.Option(TRAIN_DEFAULTS.margin, help="Sorting: ranking margin between ordered slices."),
+    sampling: Sampling = typer.Option(Sampling.uniform, help="Sorting: slice indices uniform or generalized-Gaussian."),
     holder: str = typer.Option("none", help="none, or zmedian: subtract the per-pixel median over axis 0."),
     devices: str = typer.Option("auto", help="auto/cpu, gpu, or a number of GPUs (DDP when > 1)."),
     precision: str = typer.Option("32-true", help="32-true; on GPU also bf16-mixed or 16-mixed."),
@@ -267,7 +302,7 @@ def train(
 
     quiet_lightning()
     try:
-        ax = tuple(int(a) for a in axes.split(","))
+        ax = tuple(int(a) for a in axes.split(",")) if axes else None
     except ValueError:
         raise UsageProblem(f"--axes {axes!r}: expected comma-separated axes such as 0,1,2") from None
     dev: str | int = int(devices) if devices.isdigit() else devices
@@ -275,7 +310,7 @@ def train(
         cfg = TrainConfig(task=task.value, backbone=backbone, input_size=input_size, batch_size=batch_size,
                           epochs=epochs, steps_per_epoch=steps, lr=lr, seed=seed, devices=dev,
                           precision=precision, num_workers=workers, axes=ax, k=k, step=angle_step,
-                          holder=holder)
+                          holder=holder, margin=margin, sampling=sampling.value)
     except ValueError as exc:
         raise UsageProblem(str(exc)) from None
     for v in volumes:  # fail on a bad path before any work, with the file named
@@ -384,6 +419,50 @@ def crop(
     for r in rows:
         out.print(f"{r['volume']} -> {r['output']}: {r['bytes_before']:,} -> {r['bytes_after']:,} bytes")
     out.print(f"total {before:,} -> {after:,} bytes: reduction {before / max(after, 1):.2f}x")
+
+
+# ------------------------------------------------------------------------------- run
+@app.command("run")
+@_user_errors
+def run_cmd(
+    volumes: list[str] = typer.Argument(..., help="Volumes to box and crop (any supported format)."),
+    out_dir: Path = typer.Option(..., "--out", help="Output folder: crops, boxes.json, manifest.json, report.html."),
+    method: RunMethod = typer.Option(RunMethod.otsu, help="Localization method (see the README for which to pick)."),
+    margin: int = typer.Option(8, min=0, help="Voxels kept on both sides of every axis around the box."),
+    model: Optional[Path] = typer.Option(None, help="Reuse this trained run instead of training on the batch."),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Training epochs (default: the training default)."),
+    steps: Optional[int] = typer.Option(None, min=1, help="Training steps per epoch."),
+    fmt: Optional[Format] = typer.Option(None, "--format", help="Output format (default: each input's)."),
+    device: str = typer.Option("auto", help="auto (GPU when available) or cpu."),
+    seed: int = typer.Option(0, help="Random seed (training, dropout masks)."),
+    overwrite: bool = typer.Option(False, help="Replace the outputs of an earlier run in --out."),
+) -> None:
+    """The batch job: (train,) localize, crop, and write boxes, a manifest and a report.
+
+    Example: tomoloc run scans/*.h5 --out cropped/ --margin 8
+    """
+    from tomoloc.pipeline import RunConfig, run_batch
+
+    if model is not None and not (model / "config.json").is_file():
+        raise UsageProblem(f"--model {model}: not a tomoloc training run (no config.json)")
+    try:
+        cfg = RunConfig(method=method.value, margin=margin, model=str(model) if model else None, epochs=epochs,
+                        steps=steps, seed=seed, format=fmt.value if fmt else None, device=device)
+    except ValueError as exc:
+        raise UsageProblem(str(exc)) from None
+    with _progress() as prog:
+        task = prog.add_task(f"run ({method.value})", total=len(volumes))
+        try:
+            manifest = run_batch(volumes, out_dir, cfg, overwrite=overwrite,
+                                 log=lambda m: err.print(m, markup=False, highlight=False),
+                                 on_volume=lambda _p: prog.advance(task))
+        except ValueError as exc:
+            raise UsageProblem(str(exc)) from None
+    for r in manifest["volumes"]:
+        out.print(f"{r['volume']} -> {r['output']}: box {r['bbox']}, {r['bytes_before']:,} -> "
+                  f"{r['bytes_after']:,} bytes" + ("  [check: " + "; ".join(r["flags"]) + "]" if r["flags"] else ""))
+    out.print(f"total {manifest['bytes_before']:,} -> {manifest['bytes_after']:,} bytes: reduction "
+              f"{manifest['reduction']:.2f}x in {manifest['seconds']:.0f} s; report: {out_dir / 'report.html'}")
 
 
 # ------------------------------------------------------------------------------ demo

@@ -9,6 +9,8 @@ for fine-tuning a segmentation model. Nothing is ever downloaded: ``weights=None
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 from torchvision import models as tvm
@@ -18,6 +20,7 @@ __all__ = [
     "ENCODERS",
     "RotationNet",
     "SortingNet",
+    "dilate",
     "encoder_dim",
     "encoder_features",
     "make_encoder",
@@ -138,8 +141,15 @@ class SortingNet(nn.Module):
     """Slice-position scorer for the sorting task: one scalar per slice.
 
     ``forward(x)`` maps slices ``(B, 1, H, W)`` to scores ``(B,)`` that should increase with
-    the slice's position along the sampled axis. Encoder -> pooled ``(B, C)`` -> dropout ->
+    the slice's position along the sampled axis: encoder up to ``layer3`` -> dropout ->
+    ``layer4`` (the superpixel embeddings, :meth:`superpixels`) -> global average pool ->
     ``Linear(C, 1)``.
+
+    Why the dropout sits before ``layer4``: the localizer samples the superpixel
+    embeddings with train-time dropout (paper section 2.2). Dropout on the ``layer4`` output
+    itself would make each embedding's variance ``p / (1 - p) * x**2``, a function of the
+    activation alone; dropping ``layer3`` features instead makes the variance measure how
+    much a superpixel's embedding depends on which features survive.
     """
 
     def __init__(self, backbone: str = "resnet18", dropout: float = 0.1):
@@ -149,10 +159,65 @@ class SortingNet(nn.Module):
         self.dropout = nn.Dropout(p=dropout)
         self.head = nn.Linear(encoder_dim(backbone), 1)
 
+    def trunk(self, x: Tensor) -> Tensor:
+        """Deterministic part: ``conv1`` ... ``layer3`` features ``(B, C3, h3, w3)``."""
+        e = self.encoder
+        x = e.maxpool(e.relu(e.bn1(e.conv1(x))))
+        return e.layer3(e.layer2(e.layer1(x)))
+
+    def superpixels(self, x: Tensor, features: Tensor | None = None) -> Tensor:
+        """Superpixel embeddings ``(B, C, h, w)``: no global pooling, no linear layer.
+
+        Dropout is applied when it is active (``self.dropout.training``): calling this
+        repeatedly samples the embeddings' distribution. ``features`` may pass a
+        precomputed :meth:`trunk` output to skip the deterministic part.
+        """
+        f = self.trunk(x) if features is None else features
+        return self.encoder.layer4(self.dropout(f))
+
     def embed(self, x: Tensor) -> Tensor:
-        """Pooled embeddings ``(B, C)`` of slices ``x`` ``(B, 1, H, W)`` (before dropout)."""
-        return self.encoder(x)
+        """Pooled embeddings ``(B, C)`` of slices ``x`` ``(B, 1, H, W)``."""
+        return self.superpixels(x).mean(dim=(2, 3))
 
     def forward(self, x: Tensor) -> Tensor:
         """Scores ``(B,)`` for slices ``x`` ``(B, 1, H, W)``."""
-        return self.head(self.dropout(self.encoder(x))).squeeze(-1)
+        return self.head(self.embed(x)).squeeze(-1)
+
+
+def dilate(encoder: ResNet, output_stride: int = 8) -> ResNet:
+    """A copy of ``encoder`` with the same weights and a finer last feature map.
+
+    The stride-2 convolutions of ``layer4`` (``output_stride`` 16) or of ``layer3`` and
+    ``layer4`` (8) become stride 1, and every later 3x3 convolution is dilated to match
+    (the "a trous" algorithm). The result is exact: position ``(i, j)`` of the original
+    stride-32 map equals position ``(k i, k j)`` of the new map, ``k = 32 / output_stride``,
+    and the positions in between are the embeddings the network would give the input
+    shifted by a fraction of a superpixel. So a model trained cheaply at stride 32 yields
+    ``k x k`` times more superpixels at inference.
+    """
+    if output_stride not in (8, 16, 32):
+        raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride!r}")
+    net = copy.deepcopy(encoder)
+    layers = {32: [], 16: [net.layer4], 8: [net.layer3, net.layer4]}[output_stride]
+    dilation = 1
+    for layer in layers:
+        new = dilation * 2
+        for b, block in enumerate(layer):
+            # Convolutions up to and including the strided one still see the previous
+            # sampling grid; everything after it sees the grid the stride would have made.
+            seen_stride = b > 0
+            for name, conv in block.named_modules():
+                if not isinstance(conv, nn.Conv2d):
+                    continue
+                if name.startswith("downsample"):
+                    conv.stride = (1, 1)
+                    continue
+                d = new if seen_stride else dilation
+                if conv.stride != (1, 1):
+                    conv.stride = (1, 1)
+                    seen_stride = True
+                kh, kw = conv.kernel_size
+                conv.dilation = (d, d)
+                conv.padding = ((kh // 2) * d, (kw // 2) * d)
+        dilation = new
+    return net

@@ -233,3 +233,93 @@ def write_profile_details(out_dir: str | os.PathLike, record: Any, truth: Bbox |
     with io.open_volume(record.volume) as vol:
         fig = profile_figure(vol, d["profiles"], d["intervals"], d["factor"], record.bbox, truth, record.name)
         save_figure(fig, out / f"{stem}.png")
+
+
+def _grid_slice(score: np.ndarray, factor: Sequence[int], shape: Sequence[int], axis: int, index: int) -> np.ndarray:
+    """The slice ``index`` (original voxels) of a working-copy map, blown up to the original grid."""
+    sl = np.take(score, min(index // factor[axis], score.shape[axis] - 1), axis=axis)
+    (ra, ca) = [a for a in range(3) if a != axis]
+    sl = np.repeat(np.repeat(sl, factor[ra], axis=0), factor[ca], axis=1)
+    out = np.zeros((shape[ra], shape[ca]), sl.dtype)
+    h, w = min(sl.shape[0], shape[ra]), min(sl.shape[1], shape[ca])
+    out[:h, :w] = sl[:h, :w]
+    # Voxels past the last whole block (cut off by the block mean) take the edge value.
+    out[h:, :] = out[h - 1:h, :] if h else 0
+    out[:, w:] = out[:, w - 1:w] if w else 0
+    return out
+
+
+def variance_figure(
+    volume: Any,
+    score: np.ndarray,
+    factor: Sequence[int],
+    bbox: Bbox,
+    threshold: float,
+    truth: Bbox | None = None,
+    title: str = "",
+) -> plt.Figure:
+    """MC-dropout variance over the three orthogonal views (top) and the views with boxes (bottom).
+
+    ``score`` is the variance on the working copy ``(Z', Y', X')``, block size ``factor``;
+    superpixels above ``threshold`` (the top fraction) are outlined.
+    """
+    shape = tuple(int(s) for s in volume.shape)
+    center = [(lo + hi) // 2 for lo, hi in bbox]
+    fig = plt.figure(figsize=(10.5, 7.4), dpi=80, layout="constrained")
+    top, bottom = fig.subfigures(2, 1)
+    vmax = float(np.max(score)) if np.size(score) else 1.0
+    for ax, (name, axis, _) in zip(top.subplots(1, 3), VIEWS):
+        img = _read_slice(volume, axis, center[axis])
+        lo, hi = np.percentile(img, [1, 99.5]) if img.size else (0, 1)
+        ax.imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, interpolation="nearest")
+        s = _grid_slice(np.asarray(score), factor, shape, axis, center[axis])
+        ax.imshow(s, cmap="magma", alpha=0.55, vmin=0, vmax=vmax if vmax > 0 else 1, interpolation="nearest")
+        if np.any(s >= threshold):
+            ax.contour(s >= threshold, levels=[0.5], colors="#00e5ff", linewidths=0.8)
+        ax.set_title(f"variance, {name} @ {center[axis]}", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    draw_orthoviews(bottom.subplots(1, 3), volume, [BoxStyle(bbox, "found")] +
+                    ([BoxStyle(truth, "truth", "#34c759", "--")] if truth else []))
+    if title:
+        fig.suptitle(title + " (cyan: top superpixels)", fontsize=10)
+    return fig
+
+
+def write_variance_details(out_dir: str | os.PathLike, record: Any, truth: Bbox | None = None) -> None:
+    """Save one volume's variance maps (``<name>_variance.npz``) and figure (``<name>.png``).
+
+    The ``.npz`` holds ``score`` (working-copy grid, float32), ``axis<a>`` (raw per-slice
+    superpixel maps along each axis), ``factor`` and ``bbox``.
+    """
+    from tomoloc import io
+
+    d = record.extra["details"]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = Path(record.name).stem
+    arrays = {f"axis{a}": np.asarray(m, dtype=np.float32) for a, m in d["maps"].items()}
+    arrays.update(score=np.asarray(d["score"], dtype=np.float32), factor=np.asarray(d["factor"]),
+                  bbox=np.asarray(record.bbox))
+    with atomic_path(out / f"{stem}_variance.npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+    with io.open_volume(record.volume) as vol:
+        fig = variance_figure(vol, d["score"], d["factor"], record.bbox, d["threshold"], truth, record.name)
+        save_figure(fig, out / f"{stem}.png")
+
+
+def write_details(out_dir: str | os.PathLike, record: Any, truth: Bbox | None = None) -> Path | None:
+    """Save a self-supervised localizer's diagnostics for one volume; return the figure's path.
+
+    Profiles (rotation) or variance maps (sorting), whichever ``record.extra["details"]``
+    holds; ``None`` when it holds neither (thresholding methods).
+    """
+    d = record.extra.get("details") or {}
+    if "profiles" in d:
+        write_profile_details(out_dir, record, truth)
+    elif "score" in d:
+        write_variance_details(out_dir, record, truth)
+    else:
+        return None
+    return Path(out_dir) / f"{Path(record.name).stem}.png"

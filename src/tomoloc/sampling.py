@@ -1,4 +1,4 @@
-"""Training samples for the rotation pretext task (paper section 2.1).
+"""Training samples for the pretext tasks (paper section 2.1): rotation pairs, sorting batches.
 
 A sample is a pair of nearby slices of one volume along one axis, each turned by a random
 multiple of ``step`` degrees and cut to its inscribed circle; the label is the rotation
@@ -27,6 +27,8 @@ from torch.utils.data import Dataset
 
 __all__ = [
     "RotationPairDataset",
+    "SORTING_SAMPLERS",
+    "SortingBatchDataset",
     "extract_slice",
     "generalized_gaussian_weights",
     "inscribed_circle_mask",
@@ -201,6 +203,140 @@ def generalized_gaussian_weights(n: int, scale: float = 0.3, beta: float = 4.0) 
     x = np.abs(np.arange(n) - (n - 1) / 2) / max(scale * n, 1e-9)
     w = np.exp(-(x**beta))
     return w / w.sum()
+
+
+#: Slice-index distributions of the sorting task.
+SORTING_SAMPLERS = ("uniform", "gengauss")
+
+
+class SortingBatchDataset(Dataset):
+    """Sorting batches: item ``idx`` is ``n_slices`` slices of ONE volume along ONE axis.
+
+    Item ``idx`` is drawn with ``np.random.default_rng([seed, epoch, idx])``: a volume and
+    an axis uniformly, then ``n_slices`` distinct slice indices (all of them when the axis
+    is shorter), uniformly or from :func:`generalized_gaussian_weights` (``sampling=
+    "gengauss"``, for samples known to keep a margin to the borders: fewer empty slices).
+    The slices are returned in the drawn (random) order: the network must not learn the
+    order from the batch layout. With ``augment``, each slice gets an independent random
+    90-degree rotation and flip (exact pixel permutations), which leaves its position along
+    the sorting axis unchanged but takes away cues tied to one fixed in-plane orientation.
+
+    Parameters
+    ----------
+    volumes : sequence of np.ndarray
+        float32 ``(Z, Y, X)`` normalised volumes (:func:`prepare_volume`).
+    axes : sequence of int
+        Axes to sort along; each batch uses one.
+    n_slices : int
+        Slices per batch.
+    input_size : int
+        Side ``S`` of the network input.
+    length : int
+        Batches per epoch.
+    seed : int
+        Base seed.
+    sampling : str
+        ``"uniform"`` or ``"gengauss"``.
+    gg_scale, gg_beta : float
+        Generalized-Gaussian scale (fraction of the axis length) and shape.
+    augment : bool
+        Random 90-degree rotations and flips per slice.
+
+    Returns (``__getitem__``)
+    -------------------------
+    slices : Tensor
+        float32 ``(N, 1, S, S)``.
+    positions : Tensor
+        int64 ``(N,)`` slice indices along the axis, in the working copy's coordinates.
+    meta : dict
+        ``volume, axis, epoch`` (ints).
+    """
+
+    def __init__(
+        self,
+        volumes: Sequence[np.ndarray],
+        axes: Sequence[int] = (0,),
+        n_slices: int = 32,
+        input_size: int = 64,
+        length: int = 100,
+        seed: int = 0,
+        sampling: str = "uniform",
+        gg_scale: float = 0.3,
+        gg_beta: float = 4.0,
+        augment: bool = True,
+    ):
+        self.volumes = [np.asarray(v, dtype=np.float32) for v in volumes]
+        if not self.volumes:
+            raise ValueError("SortingBatchDataset needs at least one volume")
+        for v in self.volumes:
+            if v.ndim != 3 or min(v.shape) < 2:
+                raise ValueError(f"expected 3D volumes with at least 2 slices per axis, got shape {v.shape}")
+        self.axes = tuple(int(a) for a in axes)
+        if not self.axes or any(a not in (0, 1, 2) for a in self.axes):
+            raise ValueError(f"axes must be a non-empty subset of (0, 1, 2), got {axes!r}")
+        if sampling not in SORTING_SAMPLERS:
+            raise ValueError(f"sampling must be one of {', '.join(SORTING_SAMPLERS)}, got {sampling!r}")
+        if n_slices < 2:
+            raise ValueError(f"a sorting batch needs at least 2 slices, got {n_slices}")
+        if gg_scale <= 0 or gg_beta <= 0:
+            raise ValueError("gg_scale and gg_beta must be > 0")
+        self.n_slices = int(n_slices)
+        self.input_size = int(input_size)
+        self.length = int(length)
+        self.seed = int(seed)
+        self.sampling = sampling
+        self.gg_scale, self.gg_beta = float(gg_scale), float(gg_beta)
+        self.augment = bool(augment)
+        self.epoch = 0
+        self._stacks: dict[tuple[int, int], np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.length
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def stack(self, volume: int, axis: int) -> np.ndarray:
+        """Square-resized slices ``(N, S, S)`` of one volume along one axis (cached)."""
+        key = (volume, axis)
+        if key not in self._stacks:
+            self._stacks[key] = square_slices(self.volumes[volume], axis, self.input_size)
+        return self._stacks[key]
+
+    def precompute(self) -> "SortingBatchDataset":
+        for v in range(len(self.volumes)):
+            for a in self.axes:
+                self.stack(v, a)
+        return self
+
+    def indices(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """``min(n_slices, n)`` distinct indices in ``[0, n)``, in random order."""
+        m = min(self.n_slices, n)
+        p = generalized_gaussian_weights(n, self.gg_scale, self.gg_beta) if self.sampling == "gengauss" else None
+        if p is not None and np.count_nonzero(p > 0) < m:  # too peaked to draw m distinct slices
+            p = None
+        return rng.choice(n, size=m, replace=False, p=p)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        if isinstance(key, tuple):
+            epoch, idx = (int(x) for x in key)
+        else:
+            epoch, idx = self.epoch, int(key)
+        if not 0 <= idx < self.length:
+            raise IndexError(f"index {idx} out of range for {self.length} items")
+        rng = np.random.default_rng([self.seed, epoch, idx])
+        v = int(rng.integers(len(self.volumes)))
+        axis = self.axes[int(rng.integers(len(self.axes)))]
+        stack = self.stack(v, axis)
+        pos = self.indices(rng, stack.shape[0])
+        imgs = stack[pos]
+        if self.augment:
+            turns = rng.integers(4, size=len(pos))
+            flips = rng.integers(2, size=len(pos))
+            imgs = np.stack([np.rot90(im[:, ::-1] if f else im, t) for im, t, f in zip(imgs, turns, flips)])
+        imgs = np.ascontiguousarray(imgs, dtype=np.float32)[:, None]
+        return (torch.from_numpy(imgs), torch.from_numpy(pos.astype(np.int64)),
+                {"volume": v, "axis": axis, "epoch": epoch})
 
 
 def _twin_index(rng: np.random.Generator, i: int, n: int, k: int) -> int:

@@ -8,7 +8,8 @@ A run directory ``out_dir`` holds::
     checkpoints/best.ckpt    lowest ``val_loss`` so far
     checkpoints/last.ckpt    end of the latest epoch; ``train(..., resume=True)`` continues it
 
-Only the rotation task exists so far; the sorting task plugs in through ``_TASKS``.
+Two tasks: ``rotation`` (:class:`RotationModule`, pairs of slices) and ``sorting``
+(:class:`SortingModule`, batches of slices of one volume along one axis).
 """
 
 from __future__ import annotations
@@ -30,14 +31,22 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
 
 from tomoloc._fsutil import write_text_atomic
-from tomoloc.losses import rotation_loss
+from tomoloc.losses import mean_displacement, rotation_loss, sorting_loss
 from tomoloc.models import ENCODERS, RotationNet, SortingNet
 from tomoloc.preprocess import HOLDER_MODES
-from tomoloc.sampling import DEFAULT_MAX_VOXELS, RotationPairDataset, n_angle_classes, prepare_volume
+from tomoloc.sampling import (
+    DEFAULT_MAX_VOXELS,
+    SORTING_SAMPLERS,
+    RotationPairDataset,
+    SortingBatchDataset,
+    n_angle_classes,
+    prepare_volume,
+)
 
 __all__ = [
     "RUN_FORMAT",
     "RotationModule",
+    "SortingModule",
     "TrainConfig",
     "VolumeDataModule",
     "load_model",
@@ -47,6 +56,7 @@ __all__ = [
 
 RUN_FORMAT = "tomoloc-train/1"
 TASKS = ("rotation", "sorting")
+DEFAULT_AXES = {"rotation": (0, 1, 2), "sorting": (0,)}
 
 # Fields that fix the network's shape or the meaning of its output: a resumed run must keep them.
 _ARCH_FIELDS = ("task", "backbone", "input_size", "step", "dropout", "holder")
@@ -59,19 +69,20 @@ class TrainConfig:
     Attributes
     ----------
     task : str
-        ``"rotation"`` (``"sorting"`` is reserved for the sorting loss).
+        ``"rotation"`` or ``"sorting"``.
     backbone : str
         ``"resnet18"``, ``"resnet34"`` or ``"resnet50"``.
     input_size : int
         Side ``S`` of the square network input.
     batch_size : int
-        Pairs per step per device.
+        Per step and device: pairs (rotation), or slices of the one volume (sorting).
     epochs : int
         Number of epochs; an epoch is ``steps_per_epoch`` optimiser steps on each device.
     steps_per_epoch : int
         Pairs are drawn afresh every step, so an "epoch" is only a logging/validation period.
     val_samples : int
-        Size of the fixed validation set (pairs).
+        Size of the fixed validation set: pairs (rotation), or slices, in
+        ``val_samples // batch_size`` batches (sorting).
     lr : float
         Peak AdamW learning rate.
     weight_decay : float
@@ -90,8 +101,11 @@ class TrainConfig:
         Lightning precision: ``"32-true"``; ``"bf16-mixed"`` or ``"16-mixed"`` on GPU.
     num_workers : int
         DataLoader worker processes (0: sampling in the training process, best on small CPUs).
-    axes : tuple of int
-        Slicing axes to sample pairs along.
+    axes : tuple of int, optional
+        Slicing axes to sample along. Default: ``(0, 1, 2)`` for rotation (trained on axis 0
+        alone the task did not start to learn on tube phantoms), ``(0,)`` for sorting (the
+        paper's one sorting axis; along axis 0 the tube looks the same in every slice, so
+        only the sample and the holder's ends tell the position).
     k : int
         Twin slice within ``k`` slices of the reference.
     step : int
@@ -105,7 +119,16 @@ class TrainConfig:
     dropout : float
         Dropout on the embeddings (Monte-Carlo dropout at inference needs it > 0).
     margin : float
-        Sorting-loss margin (sorting task).
+        Sorting-loss margin: the score gap asked of every ordered pair. The scores come from
+        a linear head without a fixed scale, so only its ratio to the weight decay matters;
+        1.0 (the default of ``torch.nn.MarginRankingLoss`` usage) was kept.
+    sampling : str
+        Sorting: ``"uniform"`` slice indices, or ``"gengauss"`` (peaked at the centre,
+        :func:`tomoloc.sampling.generalized_gaussian_weights` with ``gg_scale``, ``gg_beta``).
+    gg_scale, gg_beta : float
+        Generalized-Gaussian scale (fraction of the axis) and shape.
+    augment : bool
+        Sorting: random 90-degree rotations and flips of each slice.
     holder : str
         ``"none"`` (default): the network sees the normalised intensities. ``"zmedian"``:
         subtract the per-pixel median over axis 0 first
@@ -131,7 +154,7 @@ class TrainConfig:
     devices: str | int = "auto"
     precision: str = "32-true"
     num_workers: int = 0
-    axes: tuple[int, ...] = (0, 1, 2)
+    axes: tuple[int, ...] | None = None
     k: int = 2
     step: int = 90
     val_fraction: float = 0.2
@@ -140,11 +163,21 @@ class TrainConfig:
     margin: float = 1.0
     holder: str = "none"
     max_shift: float = 0.0
+    sampling: str = "uniform"
+    gg_scale: float = 0.3
+    gg_beta: float = 4.0
+    augment: bool = True
 
     def __post_init__(self) -> None:
-        self.axes = tuple(int(a) for a in self.axes)
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; expected one of {', '.join(TASKS)}")
+        if self.axes is None:
+            self.axes = DEFAULT_AXES[self.task]
+        self.axes = tuple(int(a) for a in self.axes)
+        if self.sampling not in SORTING_SAMPLERS:
+            raise ValueError(f"sampling must be one of {', '.join(SORTING_SAMPLERS)}, got {self.sampling!r}")
+        if self.gg_scale <= 0 or self.gg_beta <= 0 or self.margin <= 0:
+            raise ValueError("gg_scale, gg_beta and margin must be > 0")
         if self.backbone not in ENCODERS:
             raise ValueError(f"unknown backbone {self.backbone!r}; expected one of {', '.join(ENCODERS)}")
         if self.schedule not in ("cosine", "constant"):
@@ -170,7 +203,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types (``axes`` as a list)."""
         d = dataclasses.asdict(self)
-        d["axes"] = list(self.axes)
+        d["axes"] = list(self.axes or ())
         return d
 
     @classmethod
@@ -260,14 +293,12 @@ class VolumeDataModule(L.LightningDataModule):
 
     def __init__(self, volumes: Sequence[Any], config: TrainConfig):
         super().__init__()
-        if config.task != "rotation":
-            raise NotImplementedError(f"task {config.task!r} is not implemented yet")
         self.sources = list(volumes)
         self.config = config
         self.train_ids, self.val_ids = split_volumes(len(self.sources), config.val_fraction, config.seed)
         self.arrays: list[np.ndarray] | None = None
-        self.train_dataset: RotationPairDataset | None = None
-        self.val_dataset: RotationPairDataset | None = None
+        self.train_dataset: RotationPairDataset | SortingBatchDataset | None = None
+        self.val_dataset: RotationPairDataset | SortingBatchDataset | None = None
 
     def volume_names(self) -> list[str | None]:
         """The path of each volume as given, ``None`` for in-memory arrays."""
@@ -293,19 +324,32 @@ class VolumeDataModule(L.LightningDataModule):
             return
         arrays = self.load()
         c = self.config
+        train_arrays, val_arrays = [arrays[i] for i in self.train_ids], [arrays[i] for i in self.val_ids]
+        if c.task == "sorting":
+            common_s = dict(axes=c.axes, n_slices=c.batch_size, input_size=c.input_size, sampling=c.sampling,
+                            gg_scale=c.gg_scale, gg_beta=c.gg_beta)
+            # One item is one batch: steps_per_epoch items per device and epoch.
+            self.train_dataset = SortingBatchDataset(train_arrays, length=c.steps_per_epoch * self._world_size(),
+                                                     seed=c.seed, augment=c.augment, **common_s).precompute()
+            # Validation batches are unaugmented: the control metric measures order only.
+            self.val_dataset = SortingBatchDataset(val_arrays, length=max(1, c.val_samples // c.batch_size),
+                                                   seed=c.seed + 1, augment=False, **common_s).precompute()
+            return
         common = dict(axes=c.axes, k=c.k, step=c.step, input_size=c.input_size, max_shift=c.max_shift)
         # Every device runs steps_per_epoch steps of batch_size pairs per epoch.
         length = c.steps_per_epoch * c.batch_size * self._world_size()
-        self.train_dataset = RotationPairDataset([arrays[i] for i in self.train_ids], length=length,
+        self.train_dataset = RotationPairDataset(train_arrays, length=length,
                                                  seed=c.seed, **common).precompute()
         # A different seed: with a single volume the validation pairs still differ from training ones.
-        self.val_dataset = RotationPairDataset([arrays[i] for i in self.val_ids], length=c.val_samples,
+        self.val_dataset = RotationPairDataset(val_arrays, length=c.val_samples,
                                                seed=c.seed + 1, **common).precompute()
 
-    def _loader(self, dataset: RotationPairDataset, sampler: Sampler | None, drop_last: bool) -> DataLoader:
+    def _loader(self, dataset: Any, sampler: Sampler | None, drop_last: bool) -> DataLoader:
         nw = self.config.num_workers
-        return DataLoader(dataset, batch_size=self.config.batch_size, sampler=sampler, shuffle=False,
-                          drop_last=drop_last, num_workers=nw, persistent_workers=nw > 0,
+        # A sorting item is already a batch (slices of one volume): no collation.
+        batched = self.config.task == "sorting"
+        return DataLoader(dataset, batch_size=None if batched else self.config.batch_size, sampler=sampler,
+                          shuffle=False, drop_last=False if batched else drop_last, num_workers=nw, persistent_workers=nw > 0,
                           pin_memory=_hardware(self.config.devices, check_cuda=False)["accelerator"] == "gpu")
 
     def train_dataloader(self) -> DataLoader:
@@ -381,7 +425,44 @@ class RotationModule(_TaskModule):
         return self._shared_step(batch, "val")
 
 
-_TASKS: dict[str, type[_TaskModule]] = {"rotation": RotationModule}
+class SortingModule(_TaskModule):
+    """:class:`tomoloc.models.SortingNet` trained with :func:`tomoloc.losses.sorting_loss`.
+
+    Logs per epoch ``train_loss``, ``val_loss`` and the control metric ``train_md``,
+    ``val_md``: the mean displacement between predicted and true order of a batch's slices
+    (:func:`tomoloc.losses.mean_displacement`; random order gives ``(n**2 - 1) / (3 n)``
+    for ``n`` slices, about ``n / 3``).
+    """
+
+    def __init__(self, config: TrainConfig | dict[str, Any]):
+        super().__init__()
+        cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+        self.config = cfg
+        self.save_hyperparameters({"config": cfg.to_dict()})
+        self.net = SortingNet(cfg.backbone, dropout=cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Scores ``(N,)`` for slices ``(N, 1, S, S)``."""
+        return self.net(x)
+
+    def _shared_step(self, batch: Any, stage: str) -> Tensor:
+        x, positions, _ = batch
+        scores = self.net(x)
+        loss = sorting_loss(scores.float(), positions, self.config.margin)
+        md = mean_displacement(scores, positions)
+        n = int(positions.shape[0])
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=n)
+        self.log(f"{stage}_md", md, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=n)
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "val")
+
+
+_TASKS: dict[str, type[_TaskModule]] = {"rotation": RotationModule, "sorting": SortingModule}
 
 
 def _make_module(config: TrainConfig) -> _TaskModule:

@@ -1,0 +1,272 @@
+"""Localization from a sorting-pretext model's Monte-Carlo-dropout variance (paper section 2.2).
+
+A network that learnt to order the slices of a volume relies on the structures that change
+from slice to slice: the sample. Dropping features of those structures (train-time dropout
+kept on at inference) makes their superpixel embeddings vary; background that looks the
+same in every slice carries no position information and varies little. So: for every slice
+along each trained axis, T stochastic passes give T embeddings per superpixel (the last
+feature map, without global pooling and the linear layer); their variance, averaged over
+channels, is the superpixel's uncertainty. The top ``top_fraction`` superpixels, mapped to
+voxels, and the largest 3D connected region of them make the box.
+
+Superpixels: the model trains at output stride 32 (a 64-pixel slice gives 2 x 2 cells, too
+coarse for a box), and localizes through :func:`tomoloc.models.dilate`, the same weights at
+output stride 8 (8 x 8 cells), exact at the stride-32 positions.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from tomoloc.localize.base import Localization, largest_component_bbox
+from tomoloc.localize.rotation import _device
+from tomoloc.preprocess import network_input, working_copy
+
+STATISTICS = ("embedding", "score")
+
+__all__ = ["SortingLocalizer", "cell_index", "superpixels_to_grid", "top_region", "variance_maps"]
+
+
+def cell_index(n: int, size: int, output_stride: int) -> np.ndarray:
+    """Superpixel row (or column) of each of ``n`` voxels along one in-plane axis, ``(n,)``.
+
+    The ``n`` voxels are stretched to ``size`` input pixels (pixel centres aligned, like
+    bilinear resizing with ``align_corners=False``); superpixel ``q`` of a ResNet feature map
+    at stride ``s`` is centred on input pixel ``s * q`` (every strided layer of a ResNet
+    centres its output ``p`` on input ``2 p``), so it covers pixels ``[s q - s/2, s q + s/2)``.
+    """
+    h = -(-size // output_stride)
+    pix = (np.arange(n) + 0.5) * size / n - 0.5
+    return np.clip(np.floor((pix + output_stride / 2) / output_stride), 0, h - 1).astype(np.intp)
+
+
+def superpixels_to_grid(maps: np.ndarray, axis: int, shape: Sequence[int], size: int,
+                        output_stride: int) -> np.ndarray:
+    """Spread per-slice superpixel maps over the voxel grid of the volume they came from.
+
+    Parameters
+    ----------
+    maps : np.ndarray
+        ``(shape[axis], h, w)``: one ``h x w`` map per slice along ``axis``; rows and
+        columns are the slice's in-plane axes in increasing order (axis 0 slices: (Y, X),
+        axis 1: (Z, X), axis 2: (Z, Y)).
+    axis : int
+        The slicing axis.
+    shape : (Z, Y, X)
+        The volume's shape.
+    size, output_stride : int
+        Network input side and the feature map's stride (:func:`cell_index`).
+
+    Returns
+    -------
+    np.ndarray
+        ``shape``: each voxel holds the value of the superpixel that covers it.
+    """
+    maps = np.asarray(maps)
+    rows, cols = [a for a in range(3) if a != axis]
+    if maps.shape[0] != shape[axis]:
+        raise ValueError(f"{maps.shape[0]} maps for {shape[axis]} slices along axis {axis}")
+    r = cell_index(shape[rows], size, output_stride)
+    c = cell_index(shape[cols], size, output_stride)
+    grid = maps[:, r][:, :, c]  # (n_axis, n_rows, n_cols)
+    return np.moveaxis(grid, 0, axis)
+
+
+@torch.no_grad()
+def variance_maps(
+    net: torch.nn.Module,
+    volume: np.ndarray,
+    axis: int,
+    input_size: int,
+    mc_samples: int = 10,
+    output_stride: int = 8,
+    batch_size: int = 32,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    statistic: str = "embedding",
+) -> np.ndarray:
+    """MC-dropout variance of the superpixel embeddings of every slice along ``axis``.
+
+    Parameters
+    ----------
+    net : tomoloc.models.SortingNet
+        Trained model; it is used in eval mode (batch-norm running statistics) with only its
+        dropout switched to training behaviour.
+    volume : np.ndarray
+        Normalised ``(Z, Y, X)`` working copy.
+    axis : int
+        Slicing axis.
+    input_size : int
+        The model's input side ``S``.
+    mc_samples : int
+        Stochastic passes ``T``.
+    output_stride : int
+        8, 16 or 32 (:func:`tomoloc.models.dilate`).
+    seed : int
+        Seeds the dropout masks (results are reproducible).
+    statistic : str
+        ``"embedding"`` (the paper's): variance of the embedding, averaged over channels.
+        ``"score"``: variance of the superpixel's contribution to the slice's position score
+        (the embedding projected on the linear head's weights), i.e. only the uncertainty
+        that bears on the sorting.
+
+    Returns
+    -------
+    np.ndarray
+        float32 ``(n, h, w)``, ``h = w = ceil(S / output_stride)``: per slice and superpixel,
+        the variance over the ``T`` passes averaged over the embedding channels.
+    """
+    from tomoloc.models import dilate
+    from tomoloc.sampling import square_slices
+
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
+    if mc_samples < 2:
+        raise ValueError(f"mc_samples must be >= 2 to estimate a variance, got {mc_samples}")
+    enc = dilate(net.encoder, output_stride).to(device).eval()
+    drop = torch.nn.Dropout(p=net.dropout.p).train()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    w = net.head.weight.detach().to(device).double().reshape(1, -1, 1, 1)
+    stack = square_slices(volume, axis, input_size)
+    out = []
+    for i in range(0, len(stack), batch_size):
+        x = torch.from_numpy(stack[i:i + batch_size][:, None]).to(device)
+        f = enc.layer3(enc.layer2(enc.layer1(enc.maxpool(enc.relu(enc.bn1(enc.conv1(x)))))))
+        total = sq = None
+        for _ in range(mc_samples):
+            # Masks drawn on the CPU from a seeded generator: the same on every device.
+            keep = (torch.rand(f.shape, generator=gen) >= drop.p).to(device=device, dtype=f.dtype)
+            e = enc.layer4(f * keep / (1 - drop.p)).double()
+            if statistic == "score":
+                e = (e * w).sum(dim=1, keepdim=True)
+            total = e if total is None else total + e
+            sq = e * e if sq is None else sq + e * e
+        mean = total / mc_samples
+        var = (sq / mc_samples - mean * mean).clamp_min(0) * mc_samples / (mc_samples - 1)
+        out.append(var.mean(dim=1).float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def top_region(score: np.ndarray, fraction: float) -> tuple[np.ndarray, float]:
+    """The largest 6-connected region of the ``fraction`` highest-scoring voxels.
+
+    Returns the region as a boolean array of ``score``'s shape and the threshold used: the
+    ``ceil(fraction * size)``-th highest value (ties at it are kept).
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    flat = np.asarray(score).ravel()
+    k = max(1, int(np.ceil(fraction * flat.size)))
+    thr = float(np.partition(flat, flat.size - k)[flat.size - k])  # the k-th highest value
+    top = score >= thr
+    labels, n = ndimage.label(top)
+    if n == 0:
+        return top, thr
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(sizes.argmax()), thr
+
+
+def _ranks(a: np.ndarray) -> np.ndarray:
+    """Values replaced by their rank in ``[0, 1]`` (so maps of different scale can be averaged)."""
+    flat = a.ravel()
+    r = np.empty(flat.size, np.float32)
+    r[np.argsort(flat, kind="stable")] = np.linspace(0, 1, flat.size, dtype=np.float32)
+    return r.reshape(a.shape)
+
+
+@dataclass
+class SortingLocalizer:
+    """Box the sample from a trained sorting model's MC-dropout embedding variance.
+
+    Parameters
+    ----------
+    model_dir : path
+        A run directory written by ``tomoloc train --task sorting``.
+    mc_samples : int
+        Stochastic passes per slice. 10: the box moved by at most one working-copy voxel
+        between 10 and 30 passes on our phantoms (see BENCHMARKS.md), at a third of the time.
+    top_fraction : float
+        Share of superpixels kept (the paper's 3%).
+    output_stride : int
+        Superpixel stride at inference (:func:`tomoloc.models.dilate`).
+    axes : sequence of int, optional
+        Slicing axes; default: the axes the model was trained on. With several axes the
+        per-axis maps are rank-normalised and averaged before the top fraction is taken.
+    which, device, batch_size : see :class:`tomoloc.localize.rotation.RotationLocalizer`.
+    seed : int
+        Seeds the dropout masks.
+    """
+
+    model_dir: str | os.PathLike
+    mc_samples: int = 10
+    top_fraction: float = 0.03
+    output_stride: int = 8
+    axes: Sequence[int] | None = None
+    which: str = "best"
+    device: str = "auto"
+    batch_size: int = 32
+    seed: int = 0
+    statistic: str = "embedding"
+    slice_center: bool = False
+    name: str = "sorting"
+    _net: Any = field(default=None, init=False, repr=False)
+    _config: Any = field(default=None, init=False, repr=False)
+
+    def _load(self) -> None:
+        if self._net is None:
+            from tomoloc.training import load_model
+
+            dev = _device(self.device)
+            self._net, self._config = load_model(Path(self.model_dir), which=self.which, map_location=dev)
+            self._dev = dev
+
+    @property
+    def config(self) -> Any:
+        self._load()
+        return self._config
+
+    def score_volume(self, data: np.ndarray) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+        """Uncertainty on the working-copy grid ``data.shape``, and the raw per-axis maps."""
+        self._load()
+        cfg = self._config
+        axes = tuple(self.axes) if self.axes is not None else tuple(cfg.axes)
+        raw, grids = {}, []
+        for a in axes:
+            m = variance_maps(self._net, data, a, cfg.input_size, self.mc_samples, self.output_stride,
+                              self.batch_size, self.seed + a, self._dev, self.statistic)
+            if self.slice_center:
+                m = np.clip(m - np.percentile(m, 50, axis=(1, 2), keepdims=True), 0, None)
+            raw[a] = m
+            g = superpixels_to_grid(m, a, data.shape, cfg.input_size, self.output_stride)
+            grids.append(g if len(axes) == 1 else _ranks(g))
+        return np.mean(grids, axis=0) if len(grids) > 1 else grids[0], raw
+
+    def localize(self, volume: Any) -> Localization:
+        self._load()
+        cfg = self._config
+        work = working_copy(volume, cfg.max_voxels)
+        data = network_input(work.data, cfg.holder)
+        score, raw = self.score_volume(data)
+        region, thr = top_region(score, self.top_fraction)
+        box = largest_component_bbox(region)
+        kept = float(region.sum()) / max(1, int((score >= thr).sum()))
+        # A coherent region (most top superpixels in one component) is a confident answer;
+        # scattered top superpixels (noise, several bright things) are not.
+        confidence = kept
+        if box is None:
+            box = tuple((0, n) for n in data.shape)
+            confidence = 0.0
+        bbox = work.to_original(box)  # type: ignore[arg-type]
+        return Localization(
+            bbox, self.name, confidence,
+            {"factor": list(work.factor), "threshold": thr, "top_fraction": self.top_fraction,
+             "region_share": kept, "score": score, "maps": raw},
+        )

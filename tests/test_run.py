@@ -1,0 +1,165 @@
+"""`tomoloc run` (the batch job) and the sorting commands, end to end on tiny batches."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from test_cli import bad_volume, digest, one_error_line
+from test_sorting import cone_volume
+from tomoloc.boxes import read_boxes
+from tomoloc.io import open_volume
+from tomoloc.pipeline import RunConfig, border_touch
+
+
+def run(*args):
+    return CliRunner().invoke(app_(), [str(a) for a in args])
+
+
+def app_():
+    from tomoloc.cli import app
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory):
+    d = tmp_path_factory.mktemp("runbatch")
+    res = run("synth", d, "--n", 4, "--kind", "mixed", "--shape", 24, 32, 32, "--seed", 5)
+    assert res.exit_code == 0, res.output
+    gt = d / "ground_truth.json"
+    return d, gt, [str(d / r.volume) for r in read_boxes(gt)]
+
+
+def test_run_otsu_crops_reports_and_never_touches_inputs(batch, tmp_path):
+    d, gt, vols = batch
+    before = [digest(v) for v in vols]
+    out = tmp_path / "out"
+    res = run("run", *vols, "--out", out, "--method", "otsu", "--margin", 3)
+    assert res.exit_code == 0, res.output
+    assert [digest(v) for v in vols] == before
+    man = json.loads((out / "manifest.json").read_text())
+    boxes = {r.name: r for r in read_boxes(out / "boxes.json")}
+    assert len(man["volumes"]) == 4 and set(boxes) == {f"vol_00{i}.npy" for i in range(4)}
+    for row in man["volumes"]:
+        bbox = boxes[row["volume"].split("/")[-1]].bbox
+        assert row["bbox"] == [list(b) for b in bbox]
+        # the margin means exactly 3 voxels per side, clipped to the volume
+        assert row["crop_bbox"] == [[max(0, lo - 3), min(n, hi + 3)] for (lo, hi), n in zip(bbox, row["shape"])]
+        crop = np.load(row["output"])
+        src = np.load(row["volume"])
+        (z0, z1), (y0, y1), (x0, x1) = row["crop_bbox"]
+        np.testing.assert_array_equal(crop, src[z0:z1, y0:y1, x0:x1])
+        assert row["bytes_after"] <= row["bytes_before"] and row["seconds"] >= 0
+        assert bool(row["flags"]) == bool(border_touch(bbox, row["shape"]))
+    assert man["reduction"] == pytest.approx(man["bytes_before"] / man["bytes_after"], rel=1e-3)
+    html = (out / "report.html").read_text()
+    assert html.count("<section>") == 4 and "data:image/png;base64," in html
+    cfg = json.loads((out / "run_config.json").read_text())
+    assert cfg["config"]["margin"] == 3 and cfg["config"]["method"] == "otsu" and cfg["inputs"] == vols
+    assert "reduction" in res.stdout
+    # a second run into the same folder is refused, and changes nothing
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    res = run("run", *vols, "--out", out, "--method", "otsu")
+    one_error_line(res, "already exists", "--overwrite")
+    assert (out / "manifest.json").stat().st_mtime_ns == stamp
+    assert run("run", *vols, "--out", out, "--method", "otsu", "--overwrite").exit_code == 0
+
+
+def test_run_in_another_format(batch, tmp_path):
+    _, _, vols = batch
+    res = run("run", vols[0], "--out", tmp_path / "o", "--method", "otsu", "--format", "h5")
+    assert res.exit_code == 0, res.output
+    row = json.loads((tmp_path / "o" / "manifest.json").read_text())["volumes"][0]
+    assert row["output"].endswith(".h5")
+    with open_volume(row["output"]) as v:
+        (z0, z1), (y0, y1), (x0, x1) = row["crop_bbox"]
+        np.testing.assert_array_equal(v.read(), np.load(vols[0])[z0:z1, y0:y1, x0:x1])
+
+
+@pytest.mark.parametrize("kind", ["missing", "nan", "constant", "2d"])
+def test_run_bad_volume_leaves_nothing(batch, tmp_path, kind):
+    _, _, vols = batch
+    p = bad_volume(tmp_path, kind)
+    out = tmp_path / "out"
+    res = run("run", vols[0], p, "--out", out, "--method", "otsu")
+    one_error_line(res, p.name)
+    assert not out.exists()
+
+
+def test_run_bad_arguments(batch, tmp_path):
+    _, _, vols = batch
+    assert run("run", vols[0], "--out", tmp_path / "o", "--margin", -1).exit_code == 2
+    assert run("run", vols[0], "--out", tmp_path / "o", "--method", "nope").exit_code == 2
+    one_error_line(run("run", vols[0], "--out", tmp_path / "o", "--method", "otsu", "--model", tmp_path),
+                   "--model")
+    one_error_line(run("run", vols[0], vols[0], "--out", tmp_path / "o", "--method", "otsu"), "vol_000")
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ValueError):
+        RunConfig(method="sorting", margin=-2)
+
+
+def test_border_touch():
+    assert border_touch(((0, 4), (2, 8), (1, 10)), (10, 8, 10)) == ["axis 0 start", "axis 1 end", "axis 2 end"]
+    assert border_touch(((1, 4), (2, 7), (1, 9)), (10, 8, 10)) == []
+
+
+@pytest.fixture(scope="module")
+def cones(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cones")
+    paths = []
+    for s in range(6):
+        p = d / f"cone_{s}.npy"
+        np.save(p, cone_volume(s))
+        paths.append(str(p))
+    return d, paths
+
+
+def test_sorting_train_localize_and_run_end_to_end(cones, tmp_path):
+    d, vols = cones
+    res = run("train", *vols, "--task", "sorting", "--out", tmp_path / "m", "--input-size", 32, "--epochs", 2,
+              "--steps", 20, "--batch-size", 16, "--sampling", "gengauss", "--margin", 0.5)
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert doc["config"]["task"] == "sorting" and doc["config"]["axes"] == [0]
+    assert doc["config"]["sampling"] == "gengauss" and doc["config"]["margin"] == 0.5
+    header = (tmp_path / "m" / "logs" / "metrics.csv").read_text().splitlines()[0]
+    assert "val_md" in header and "train_md" in header
+
+    res = run("localize", *vols[:2], "--method", "sorting", "--model", tmp_path / "m", "--out", tmp_path / "b.json",
+              "--mc-samples", 4, "--top-fraction", 0.1)
+    assert res.exit_code == 0, res.output
+    recs = read_boxes(tmp_path / "b.json")
+    assert len(recs) == 2 and all(r.method == "sorting" for r in recs)
+    det = tmp_path / "b_details"
+    assert (det / "cone_0.png").is_file()
+    with np.load(det / "cone_0_variance.npz") as z:
+        assert z["score"].shape == (32, 32, 32) and z["axis0"].shape == (32, 4, 4)
+        # the top 10% of the score lie inside the box
+        top = z["score"] >= np.quantile(z["score"], 0.9)
+        (z0, z1), (y0, y1), (x0, x1) = recs[0].bbox
+        assert top[z0:z1, y0:y1, x0:x1].sum() >= 0.5 * top.sum()
+    # a rotation model is refused for --method sorting and vice versa
+    one_error_line(run("localize", vols[0], "--method", "rotation", "--model", tmp_path / "m",
+                       "--out", tmp_path / "x.json"), "sorting")
+
+    # the batch job reusing the model: details and report carry the variance figures
+    out = tmp_path / "run"
+    res = run("run", *vols[:2], "--out", out, "--method", "sorting", "--model", tmp_path / "m", "--margin", 2)
+    assert res.exit_code == 0, res.output
+    assert (out / "details" / "cone_1.png").is_file() and not (out / "model").exists()
+    html = (out / "report.html").read_text()
+    assert len(re.findall("data:image/png;base64,", html)) == 4  # orthoviews + variance figure per volume
+
+
+def test_run_trains_on_the_batch_when_no_model_is_given(cones, tmp_path):
+    _, vols = cones
+    out = tmp_path / "run"
+    res = run("run", *vols[:3], "--out", out, "--method", "sorting", "--epochs", 1, "--steps", 3, "--margin", 1)
+    assert res.exit_code == 0, res.output
+    assert (out / "model" / "checkpoints" / "best.ckpt").is_file()
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["train_seconds"] > 0 and len(man["volumes"]) == 3
+    assert json.loads((out / "run_config.json").read_text())["model"] == str(out / "model")
