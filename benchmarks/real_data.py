@@ -1,9 +1,9 @@
-"""The rotation method on the real CT volumes in ../shared/data/real (not shipped with tomoloc).
+"""The self-supervised methods on the real CT volumes in ../shared/data/real (not shipped with tomoloc).
 
     python benchmarks/real_data.py [--real ../shared/data/real] [--epochs 4] [--steps 50]
 
-The four volumes are one unlabelled "batch": the rotation model trains on all of them (no
-labels), then boxes each; Otsu is shown beside it. The reference boxes are approximate
+The four volumes are one unlabelled "batch": the rotation and the sorting model each train on
+all of them (no labels), then box each; Otsu is shown beside them. The reference boxes are approximate
 (about +-5 voxels, see each folder's truth.json). Writes the section "Real CT volumes".
 """
 
@@ -20,6 +20,7 @@ from tomoloc.boxes import BoxRecord
 from tomoloc.evaluate import evaluate
 from tomoloc.localize import OtsuLocalizer, localize_files
 from tomoloc.localize.rotation import RotationLocalizer
+from tomoloc.localize.sorting import SortingLocalizer
 from tomoloc.training import TrainConfig, quiet_lightning, train
 
 
@@ -32,14 +33,16 @@ def main() -> None:
     quiet_lightning()
     dirs = sorted(p for p in args.real.iterdir() if (p / "volume.npy").exists())
     paths = [str(d / "volume.npy") for d in dirs]
-    cfg = TrainConfig(task="rotation", epochs=args.epochs, steps_per_epoch=args.steps, val_fraction=0.25)
-    lines = []
+    lines, train_s = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        train(paths, Path(tmp) / "run", cfg, progress=False)
-        train_s = time.perf_counter() - t0
-        results = {"rotation": localize_files(paths, RotationLocalizer(Path(tmp) / "run")),
-                   "otsu": localize_files(paths, OtsuLocalizer())}
+        results = {}
+        for task, loc in (("rotation", RotationLocalizer), ("sorting", SortingLocalizer)):
+            cfg = TrainConfig(task=task, epochs=args.epochs, steps_per_epoch=args.steps, val_fraction=0.25)
+            t0 = time.perf_counter()
+            train(paths, Path(tmp) / task, cfg, progress=False)
+            train_s[task] = time.perf_counter() - t0
+            results[task] = localize_files(paths, loc(Path(tmp) / task))
+        results["otsu"] = localize_files(paths, OtsuLocalizer())
     for i, d in enumerate(dirs):
         ref = json.loads((d / "truth.json").read_text())["bbox"]
         for name, recs in results.items():
@@ -50,8 +53,9 @@ def main() -> None:
                          f"| {m['mae']:.1f} | {m['rel_err_pct']:.1f} | {m['iou']:.3f} |")
             print(lines[-1], flush=True)
     body = "\n".join([
-        f"Rotation model trained on the {len(dirs)} real volumes together, without labels ({cfg.epochs} x "
-        f"{cfg.steps_per_epoch} steps, resnet18, input {cfg.input_size}, CPU, {train_s:.0f} s); Otsu beside it. "
+        f"Rotation and sorting models each trained on the {len(dirs)} real volumes together, without labels "
+        f"({args.epochs} x {args.steps} steps, resnet18, input 64, CPU; rotation {train_s['rotation']:.0f} s, "
+        f"sorting {train_s['sorting']:.0f} s, default localizer settings); Otsu beside them. "
         "Reference boxes are approximate (about ±5 voxels).",
         "",
         "| volume | shape | method | box | reference box | MAE | rel. error (%) | IoU |",

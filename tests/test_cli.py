@@ -110,12 +110,14 @@ def test_demo_end_to_end(tmp_path):
     fast = ("--epochs", 1, "--steps", 4)
     res = run("demo", "--out", out, "--n", 2, "--shape", *SHAPE, *fast)
     assert res.exit_code == 0, res.output
-    for word in ("rotation", "otsu", "threshold", "iou"):
+    for word in ("rotation", "sorting", "otsu", "threshold", "iou", "tomoloc run"):
         assert word in res.stdout
     html = (out / "report.html").read_text()
-    assert html.count("<img") == 2 and "data:image/png;base64," in html  # boxes + profiles
-    assert (out / "rotation_run" / "checkpoints" / "best.ckpt").is_file()
-    assert len(list((out / "cropped").glob("*.npy"))) == 1
+    assert html.count("<img") == 3 and "data:image/png;base64," in html  # boxes + profiles + variance
+    for task in ("rotation", "sorting"):
+        assert (out / f"{task}_run" / "checkpoints" / "best.ckpt").is_file()
+    assert len(list((out / "run").glob("vol_*.npy"))) == 1  # the batch job cropped the test half
+    assert (out / "run" / "report.html").is_file() and (out / "run" / "manifest.json").is_file()
     # rerunning into its own folder is fine; into a foreign non-empty folder is refused
     assert run("demo", "--out", out, "--n", 2, "--shape", *SHAPE, *fast).exit_code == 0
     (tmp_path / "mine").mkdir()

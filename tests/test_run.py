@@ -123,7 +123,7 @@ def test_sorting_train_localize_and_run_end_to_end(cones, tmp_path):
               "--steps", 20, "--batch-size", 16, "--sampling", "gengauss", "--margin", 0.5)
     assert res.exit_code == 0, res.output
     doc = json.loads((tmp_path / "m" / "config.json").read_text())
-    assert doc["config"]["task"] == "sorting" and doc["config"]["axes"] == [0]
+    assert doc["config"]["task"] == "sorting" and doc["config"]["axes"] == [0, 1, 2]
     assert doc["config"]["sampling"] == "gengauss" and doc["config"]["margin"] == 0.5
     header = (tmp_path / "m" / "logs" / "metrics.csv").read_text().splitlines()[0]
     assert "val_md" in header and "train_md" in header

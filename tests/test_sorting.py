@@ -143,7 +143,7 @@ def test_variance_maps_shape_seeded_and_zero_without_dropout():
 def test_sorting_training_beats_random_order(tmp_path):
     vols = [cone_volume(s) for s in range(6)]
     cfg = TrainConfig(task="sorting", input_size=32, batch_size=16, epochs=3, steps_per_epoch=25,
-                      val_samples=64, seed=0, sampling="gengauss")
+                      val_samples=64, seed=0, sampling="gengauss", axes=(0,))
     run = train(vols, tmp_path / "run", cfg, progress=False)
     import csv
 

@@ -31,7 +31,7 @@ class _TrainDefaults:
     CLI starts without importing torch and Lightning."""
 
     epochs, steps_per_epoch, batch_size, backbone, input_size = 12, 100, 32, "resnet18", 64
-    axes = {"rotation": (0, 1, 2), "sorting": (0,)}
+    axes = {"rotation": (0, 1, 2), "sorting": (0, 1, 2)}
     k, step, lr, margin, sampling = 2, 90, 1e-3, 1.0, "uniform"
 
 
@@ -165,7 +165,7 @@ def _truth_volumes(truth_path: Path) -> tuple[list[BoxRecord], list[Path]]:
 
 def make_localizer(method: str, value: float | None = None, calibrate: Path | None = None,
                    max_voxels: int = 256**3, model: Path | None = None,
-                   stride: int = 1, mc_samples: int = 10, top_fraction: float = 0.03,
+                   stride: int = 1, mc_samples: int = 10, top_fraction: float = 0.1,
                    seed: int = 0) -> tuple[Any, dict[str, Any]]:
     """Build the localizer a CLI invocation asks for; returns it and its config."""
     from tomoloc.localize import OtsuLocalizer, ThresholdLocalizer, calibrate_threshold
@@ -230,7 +230,7 @@ def localize(
     model: Optional[Path] = typer.Option(None, help="Run directory of a trained model (rotation, sorting)."),
     stride: int = typer.Option(1, min=1, help="Rotation: evaluate every n-th slice, interpolate the rest."),
     mc_samples: int = typer.Option(10, min=2, help="Sorting: Monte-Carlo dropout passes per slice."),
-    top_fraction: float = typer.Option(0.03, help="Sorting: share of superpixels with the highest variance kept."),
+    top_fraction: float = typer.Option(0.1, help="Sorting: share of superpixels with the highest variance kept."),
     seed: int = typer.Option(0, help="Sorting: seed of the dropout masks."),
     truth: Optional[Path] = typer.Option(None, help="ground_truth.json: draw the true boxes in the figures."),
 ) -> None:
@@ -280,7 +280,7 @@ def train(
     batch_size: int = typer.Option(TRAIN_DEFAULTS.batch_size, min=2, help="Pairs per step (per device)."),
     backbone: str = typer.Option(TRAIN_DEFAULTS.backbone, help="resnet18, resnet34 or resnet50."),
     input_size: int = typer.Option(TRAIN_DEFAULTS.input_size, min=16, help="Network input side (slices are resized)."),
-    axes: Optional[str] = typer.Option(None, help="Slicing axes, e.g. 0,1,2 (default: 0,1,2 for rotation, 0 for sorting)."),
+    axes: Optional[str] = typer.Option(None, help="Slicing axes, e.g. 0,1,2 (default: all three)."),
     k: int = typer.Option(TRAIN_DEFAULTS.k, min=0, help="Rotation: twin slice within k slices of the reference."),
     angle_step: int = typer.Option(TRAIN_DEFAULTS.step, help="Rotation: angle step in degrees (divides 360)."),
     lr: float = typer.Option(TRAIN_DEFAULTS.lr, help="Peak learning rate (AdamW, cosine schedule)."),

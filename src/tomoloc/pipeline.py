@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 from tomoloc import __version__, io
 from tomoloc._fsutil import write_text_atomic
-from tomoloc.boxes import Bbox, BoxRecord, expand_bbox, volume_key, write_boxes
+from tomoloc.boxes import Bbox, BoxRecord, volume_key, write_boxes
 
 __all__ = ["METHODS", "RunConfig", "border_touch", "run_batch"]
 

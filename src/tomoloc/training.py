@@ -56,7 +56,7 @@ __all__ = [
 
 RUN_FORMAT = "tomoloc-train/1"
 TASKS = ("rotation", "sorting")
-DEFAULT_AXES = {"rotation": (0, 1, 2), "sorting": (0,)}
+DEFAULT_AXES = {"rotation": (0, 1, 2), "sorting": (0, 1, 2)}
 
 # Fields that fix the network's shape or the meaning of its output: a resumed run must keep them.
 _ARCH_FIELDS = ("task", "backbone", "input_size", "step", "dropout", "holder")
@@ -102,10 +102,12 @@ class TrainConfig:
     num_workers : int
         DataLoader worker processes (0: sampling in the training process, best on small CPUs).
     axes : tuple of int, optional
-        Slicing axes to sample along. Default: ``(0, 1, 2)`` for rotation (trained on axis 0
-        alone the task did not start to learn on tube phantoms), ``(0,)`` for sorting (the
-        paper's one sorting axis; along axis 0 the tube looks the same in every slice, so
-        only the sample and the holder's ends tell the position).
+        Slicing axes to sample along. Default ``(0, 1, 2)`` for both tasks. Rotation: trained
+        on axis 0 alone the task did not start to learn on tube phantoms. Sorting (each batch
+        is sorted along one axis): the paper sorts along one axis, but a model sorted along
+        axis 0 only gives superpixel maps that are coarse in Y and X and pulled to the
+        meniscus along Z; with all three axes the box error on our mixed benchmark fell from
+        9.8 to 6.6 voxels and the worst recall rose from 0.002 to 0.72 (BENCHMARKS.md).
     k : int
         Twin slice within ``k`` slices of the reference.
     step : int
