@@ -473,7 +473,7 @@ def demo(
     n: int = typer.Option(8, "--n", min=2, help="Volumes to synthesize (half calibrate the threshold)."),
     shape: tuple[int, int, int] = typer.Option((64, 96, 96), help="Volume shape Z Y X."),
     seed: int = typer.Option(0, help="Random seed."),
-    margin: int = typer.Option(4, min=0, help="Crop margin in voxels."),
+    margin: int = typer.Option(8, min=0, help="Crop margin in voxels (as tomoloc run)."),
     epochs: int = typer.Option(4, min=1, help="Rotation-model training epochs."),
     steps: int = typer.Option(50, min=1, help="Training steps per epoch."),
 ) -> None:

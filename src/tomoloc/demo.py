@@ -39,7 +39,7 @@ def run_demo(
     n: int = 8,
     shape: Sequence[int] = (64, 96, 96),
     seed: int = 0,
-    margin: int = 4,
+    margin: int = 8,
     epochs: int = 4,
     steps: int = 50,
     console: Console | None = None,
