@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 from tomoloc import __version__, io
 from tomoloc._fsutil import write_text_atomic
-from tomoloc.boxes import Bbox, BoxRecord, volume_key, write_boxes
+from tomoloc.boxes import Bbox, BoxRecord, write_boxes
 
 __all__ = ["METHODS", "RunConfig", "border_touch", "run_batch"]
 
@@ -127,8 +127,6 @@ def _plan(inputs: Sequence[str], out: Path, cfg: RunConfig, overwrite: bool) -> 
         if target.name in seen:
             raise ValueError(f"{v}: its crop {target.name} would collide with the crop of {seen[target.name]}")
         seen[target.name] = v
-        if volume_key(v) in {volume_key(p) for p, _, _ in plan}:
-            raise ValueError(f"{v}: two inputs share the file name {volume_key(v)}")
         if target.exists() and not overwrite:
             raise FileExistsError(f"{target}: already exists (use --overwrite to replace it)")
         plan.append((str(v), target, shape))

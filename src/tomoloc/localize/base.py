@@ -57,6 +57,15 @@ def largest_component_bbox(binary: np.ndarray) -> Bbox | None:
     return tuple((s.start, s.stop) for s in sl)  # type: ignore[return-value]
 
 
+def resolve_device(device: str) -> Any:
+    """``torch.device`` for ``"auto"`` (the GPU when there is one, else the CPU) or a device name."""
+    import torch  # late: the thresholding localizers do not need torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def whole_volume(shape: Sequence[int]) -> Bbox:
     """The box covering the whole volume: the safe answer when nothing was found."""
     return ((0, int(shape[0])), (0, int(shape[1])), (0, int(shape[2])))

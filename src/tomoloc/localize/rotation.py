@@ -20,7 +20,7 @@ import torch
 from scipy.ndimage import gaussian_filter1d
 from skimage.filters import threshold_otsu
 
-from tomoloc.localize.base import Localization
+from tomoloc.localize.base import Localization, resolve_device
 from tomoloc.preprocess import network_input, working_copy
 
 
@@ -115,12 +115,6 @@ def certainty_profile(
     return np.interp(np.arange(n), idx, p) if stride > 1 else p
 
 
-def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 @dataclass
 class RotationLocalizer:
     """Box the sample from a trained rotation model's per-slice certainty.
@@ -159,7 +153,7 @@ class RotationLocalizer:
         if self._net is None:
             from tomoloc.training import load_model
 
-            dev = _device(self.device)
+            dev = resolve_device(self.device)
             self._net, self._config = load_model(Path(self.model_dir), which=self.which, map_location=dev)
             self._net.to(dev).eval()
             self._dev = dev

@@ -25,8 +25,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from tomoloc.localize.base import Localization, largest_component_bbox
-from tomoloc.localize.rotation import _device
+from tomoloc.localize.base import Localization, largest_component_bbox, resolve_device
 from tomoloc.preprocess import network_input, working_copy
 
 STATISTICS = ("embedding", "score")
@@ -131,7 +130,7 @@ def variance_maps(
     if mc_samples < 2:
         raise ValueError(f"mc_samples must be >= 2 to estimate a variance, got {mc_samples}")
     enc = dilate(net.encoder, output_stride).to(device).eval()
-    drop = torch.nn.Dropout(p=net.dropout.p).train()
+    p = float(net.dropout.p)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     w = net.head.weight.detach().to(device).double().reshape(1, -1, 1, 1)
     stack = square_slices(volume, axis, input_size)
@@ -142,8 +141,8 @@ def variance_maps(
         total = sq = None
         for _ in range(mc_samples):
             # Masks drawn on the CPU from a seeded generator: the same on every device.
-            keep = (torch.rand(f.shape, generator=gen) >= drop.p).to(device=device, dtype=f.dtype)
-            e = enc.layer4(f * keep / (1 - drop.p)).double()
+            keep = (torch.rand(f.shape, generator=gen) >= p).to(device=device, dtype=f.dtype)
+            e = enc.layer4(f * keep / (1 - p)).double()
             if statistic == "score":
                 e = (e * w).sum(dim=1, keepdim=True)
             total = e if total is None else total + e
@@ -228,7 +227,7 @@ class SortingLocalizer:
         if self._net is None:
             from tomoloc.training import load_model
 
-            dev = _device(self.device)
+            dev = resolve_device(self.device)
             self._net, self._config = load_model(Path(self.model_dir), which=self.which, map_location=dev)
             self._dev = dev
 
