@@ -37,7 +37,7 @@ class Interval:
 
 def profile_interval(
     profile: np.ndarray, sigma: float = 1.0, min_contrast: float = 0.1, max_gap: float = 0.05,
-    extend: float = 0.5, min_snr: float = 3.0,
+    extend: float = 0.5,
 ) -> Interval:
     """The sample's interval on a certainty profile ``(n,)``.
 
@@ -48,26 +48,19 @@ def profile_interval(
     threshold wins. The run then grows outwards while the profile stays above a lower level,
     ``extend`` of the way from the threshold down to the background level (10th percentile):
     hysteresis, so a sample whose edge slices are only half certain is not cut (0 disables).
-    When the profile's contrast (90th minus 10th percentile of the smoothed profile) is
-    below ``min_contrast``, or below ``min_snr`` times the profile's own slice-to-slice
-    noise, there is no background/sample split to trust, and the whole axis is returned
-    with ``found=False``: a crop must err on the side of too big. The noise is estimated
-    from the raw profile as ``1.4826 * median(|diff|) / sqrt(2)`` (the standard deviation
-    for white noise, unmoved by the few large steps at the sample's edges). Pure white
-    noise of any level gives a smoothed contrast of about 1.4 times its standard deviation,
-    so the default 3 rejects it; a noisy profile of 0.2 spread once passed the fixed
-    ``min_contrast`` alone and boxed a noise spike (BENCHMARKS.md).
+    When the profile's contrast (90th minus 10th percentile) is below
+    ``min_contrast`` there is no background/sample split to trust, and the whole axis is
+    returned with ``found=False``: a crop must err on the side of too big.
     """
     p = np.asarray(profile, dtype=np.float64)
     n = p.size
     if n == 0:
         raise ValueError("empty profile")
-    noise = 1.4826 * float(np.median(np.abs(np.diff(p)))) / np.sqrt(2) if n > 1 else 0.0
     if sigma > 0 and n > 1:
         p = gaussian_filter1d(p, sigma, mode="nearest")
     lo_level, hi_level = np.percentile(p, [10, 90])
     contrast = float(hi_level - lo_level)
-    if n < 3 or contrast < min_contrast or contrast < min_snr * noise:
+    if n < 3 or contrast < min_contrast:
         return Interval(0, n, float("nan"), contrast, False)
     thr = float(threshold_otsu(p))
     above = p > thr
@@ -134,7 +127,7 @@ class RotationLocalizer:
         Axes whose certainty profile sets the interval; the others keep the whole extent.
     stride : int
         Evaluate every ``stride``-th slice (others interpolated).
-    sigma, min_contrast, max_gap, extend, min_snr : float
+    sigma, min_contrast, max_gap, extend : float
         See :func:`profile_interval`.
     which : str
         Checkpoint: ``"best"`` (lowest validation loss) or ``"last"``.
@@ -149,7 +142,6 @@ class RotationLocalizer:
     min_contrast: float = 0.1
     max_gap: float = 0.05
     extend: float = 0.5
-    min_snr: float = 3.0
     which: str = "best"
     device: str = "auto"
     batch_size: int = 128
@@ -184,7 +176,7 @@ class RotationLocalizer:
                 continue
             prof = certainty_profile(self._net, data, axis, cfg.input_size, self.stride,
                                      self.batch_size, self._dev)
-            iv = profile_interval(prof, self.sigma, self.min_contrast, self.max_gap, self.extend, self.min_snr)
+            iv = profile_interval(prof, self.sigma, self.min_contrast, self.max_gap, self.extend)
             profiles[axis], intervals[axis] = prof, iv
             box.append((iv.lo, iv.hi))
         found = [iv.found for iv in intervals.values()]
