@@ -380,9 +380,34 @@ def _lr_lambda(total_steps: int, schedule: str) -> Callable[[int], float]:
 
 
 class _TaskModule(L.LightningModule):
-    """Shared optimiser set-up; subclasses build ``self.net`` and define the steps."""
+    """Shared by the pretext tasks: config, network, optimiser and logging.
 
-    config: TrainConfig
+    Subclasses define :meth:`_step`, which returns the loss, the metrics to log and the
+    batch size; the network comes from :func:`_net_for`.
+    """
+
+    def __init__(self, config: TrainConfig | dict[str, Any]):
+        super().__init__()
+        cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+        self.config = cfg
+        self.save_hyperparameters({"config": cfg.to_dict()})
+        self.net = _net_for(cfg)
+
+    def _step(self, batch: Any) -> tuple[Tensor, dict[str, Tensor], int]:
+        raise NotImplementedError
+
+    def _shared_step(self, batch: Any, stage: str) -> Tensor:
+        loss, metrics, n = self._step(batch)
+        for name, value in {"loss": loss, **metrics}.items():
+            self.log(f"{stage}_{name}", value, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True,
+                     batch_size=n)
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "val")
 
     def configure_optimizers(self) -> Any:
         c = self.config
@@ -399,32 +424,15 @@ class RotationModule(_TaskModule):
     the arg-max class; chance is ``step / 360``).
     """
 
-    def __init__(self, config: TrainConfig | dict[str, Any]):
-        super().__init__()
-        cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
-        self.config = cfg
-        self.save_hyperparameters({"config": cfg.to_dict()})
-        self.net = RotationNet(cfg.backbone, n_angle_classes(cfg.step), dropout=cfg.dropout)
-
     def forward(self, ref: Tensor, twin: Tensor) -> Tensor:
         """Logits ``(B, n_classes)`` for pairs ``(B, 1, S, S)``."""
         return self.net(ref, twin)
 
-    def _shared_step(self, batch: Any, stage: str) -> Tensor:
+    def _step(self, batch: Any) -> tuple[Tensor, dict[str, Tensor], int]:
         ref, twin, label, _ = batch
         logits = self.net(ref, twin)
-        loss = rotation_loss(logits, label)
         acc = (logits.argmax(dim=1) == label).float().mean()
-        n = int(label.shape[0])
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=n)
-        self.log(f"{stage}_acc", acc, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=n)
-        return loss
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "val")
+        return rotation_loss(logits, label), {"acc": acc}, int(label.shape[0])
 
 
 class SortingModule(_TaskModule):
@@ -436,32 +444,15 @@ class SortingModule(_TaskModule):
     for ``n`` slices, about ``n / 3``).
     """
 
-    def __init__(self, config: TrainConfig | dict[str, Any]):
-        super().__init__()
-        cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
-        self.config = cfg
-        self.save_hyperparameters({"config": cfg.to_dict()})
-        self.net = SortingNet(cfg.backbone, dropout=cfg.dropout)
-
     def forward(self, x: Tensor) -> Tensor:
         """Scores ``(N,)`` for slices ``(N, 1, S, S)``."""
         return self.net(x)
 
-    def _shared_step(self, batch: Any, stage: str) -> Tensor:
+    def _step(self, batch: Any) -> tuple[Tensor, dict[str, Tensor], int]:
         x, positions, _ = batch
         scores = self.net(x)
         loss = sorting_loss(scores.float(), positions, self.config.margin)
-        md = mean_displacement(scores, positions)
-        n = int(positions.shape[0])
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=n)
-        self.log(f"{stage}_md", md, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=n)
-        return loss
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "val")
+        return loss, {"md": mean_displacement(scores, positions)}, int(positions.shape[0])
 
 
 _TASKS: dict[str, type[_TaskModule]] = {"rotation": RotationModule, "sorting": SortingModule}

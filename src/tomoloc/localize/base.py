@@ -66,6 +66,35 @@ def resolve_device(device: str) -> Any:
     return torch.device(device)
 
 
+class TrainedModel:
+    """Lazy loading of a training run's network for the self-supervised localizers.
+
+    The host class provides ``model_dir``, ``which`` and ``device``; the network (eval
+    mode), its :class:`~tomoloc.training.TrainConfig` and the device are loaded on first use.
+    """
+
+    _net: Any
+    _config: Any
+    _dev: Any
+
+    def _load(self) -> None:
+        if self._net is None:
+            from pathlib import Path
+
+            from tomoloc.training import load_model
+
+            dev = resolve_device(self.device)  # type: ignore[attr-defined]
+            self._net, self._config = load_model(Path(self.model_dir), which=self.which,  # type: ignore[attr-defined]
+                                                 map_location=dev)
+            self._dev = dev
+
+    @property
+    def config(self) -> Any:
+        """The training config of the model (loads it)."""
+        self._load()
+        return self._config
+
+
 def whole_volume(shape: Sequence[int]) -> Bbox:
     """The box covering the whole volume: the safe answer when nothing was found."""
     return ((0, int(shape[0])), (0, int(shape[1])), (0, int(shape[2])))

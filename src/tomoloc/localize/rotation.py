@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -20,7 +19,7 @@ import torch
 from scipy.ndimage import gaussian_filter1d
 from skimage.filters import threshold_otsu
 
-from tomoloc.localize.base import Localization, resolve_device
+from tomoloc.localize.base import Localization, TrainedModel
 from tomoloc.preprocess import network_input, working_copy
 
 
@@ -116,7 +115,7 @@ def certainty_profile(
 
 
 @dataclass
-class RotationLocalizer:
+class RotationLocalizer(TrainedModel):
     """Box the sample from a trained rotation model's per-slice certainty.
 
     Parameters
@@ -148,20 +147,6 @@ class RotationLocalizer:
     name: str = "rotation"
     _net: Any = field(default=None, init=False, repr=False)
     _config: Any = field(default=None, init=False, repr=False)
-
-    def _load(self) -> None:
-        if self._net is None:
-            from tomoloc.training import load_model
-
-            dev = resolve_device(self.device)
-            self._net, self._config = load_model(Path(self.model_dir), which=self.which, map_location=dev)
-            self._net.to(dev).eval()
-            self._dev = dev
-
-    @property
-    def config(self) -> Any:
-        self._load()
-        return self._config
 
     def localize(self, volume: Any) -> Localization:
         self._load()

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from scipy import ndimage
 
-from tomoloc.localize.base import Localization, largest_component_bbox, resolve_device
+from tomoloc.localize.base import Localization, TrainedModel, largest_component_bbox
 from tomoloc.preprocess import network_input, working_copy
 
 STATISTICS = ("embedding", "score")
@@ -182,7 +181,7 @@ def _ranks(a: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class SortingLocalizer:
+class SortingLocalizer(TrainedModel):
     """Box the sample from a trained sorting model's MC-dropout embedding variance.
 
     Parameters
@@ -222,19 +221,6 @@ class SortingLocalizer:
     name: str = "sorting"
     _net: Any = field(default=None, init=False, repr=False)
     _config: Any = field(default=None, init=False, repr=False)
-
-    def _load(self) -> None:
-        if self._net is None:
-            from tomoloc.training import load_model
-
-            dev = resolve_device(self.device)
-            self._net, self._config = load_model(Path(self.model_dir), which=self.which, map_location=dev)
-            self._dev = dev
-
-    @property
-    def config(self) -> Any:
-        self._load()
-        return self._config
 
     def score_volume(self, data: np.ndarray) -> tuple[np.ndarray, dict[int, np.ndarray]]:
         """Uncertainty on the working-copy grid ``data.shape``, and the raw per-axis maps."""
