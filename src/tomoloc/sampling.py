@@ -205,11 +205,57 @@ def generalized_gaussian_weights(n: int, scale: float = 0.3, beta: float = 4.0) 
     return w / w.sum()
 
 
+class _SliceDataset(Dataset):
+    """What the pretext datasets share: cached square slice stacks and ``(epoch, index)`` keys.
+
+    Subclasses set ``volumes``, ``axes``, ``input_size``, ``length``, ``epoch`` and an empty
+    ``_stacks`` dict.
+    """
+
+    volumes: list[np.ndarray]
+    axes: tuple[int, ...]
+    input_size: int
+    length: int
+    epoch: int
+    _stacks: dict[tuple[int, int], np.ndarray]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw integer keys of the given epoch from now on."""
+        self.epoch = int(epoch)
+
+    def stack(self, volume: int, axis: int) -> np.ndarray:
+        """Square-resized slices ``(N, S, S)`` of one volume along one axis (cached)."""
+        key = (volume, axis)
+        if key not in self._stacks:
+            self._stacks[key] = square_slices(self.volumes[volume], axis, self.input_size)
+        return self._stacks[key]
+
+    def precompute(self) -> Any:
+        """Fill the slice cache now, e.g. before worker processes fork and share it."""
+        for v in range(len(self.volumes)):
+            for a in self.axes:
+                self.stack(v, a)
+        return self
+
+    def _key(self, key: int | tuple[int, int]) -> tuple[int, int]:
+        """``(epoch, index)`` of an item key: an index (current epoch) or an explicit pair."""
+        if isinstance(key, tuple):
+            epoch, idx = (int(x) for x in key)
+        else:
+            epoch, idx = self.epoch, int(key)
+        if not 0 <= idx < self.length:
+            raise IndexError(f"index {idx} out of range for {self.length} items")
+        return epoch, idx
+
+
 #: Slice-index distributions of the sorting task.
 SORTING_SAMPLERS = ("uniform", "gengauss")
 
 
-class SortingBatchDataset(Dataset):
+class SortingBatchDataset(_SliceDataset):
     """Sorting batches: item ``idx`` is ``n_slices`` slices of ONE volume along ONE axis.
 
     Item ``idx`` is drawn with ``np.random.default_rng([seed, epoch, idx])``: a volume and
@@ -290,25 +336,6 @@ class SortingBatchDataset(Dataset):
         self.epoch = 0
         self._stacks: dict[tuple[int, int], np.ndarray] = {}
 
-    def __len__(self) -> int:
-        return self.length
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def stack(self, volume: int, axis: int) -> np.ndarray:
-        """Square-resized slices ``(N, S, S)`` of one volume along one axis (cached)."""
-        key = (volume, axis)
-        if key not in self._stacks:
-            self._stacks[key] = square_slices(self.volumes[volume], axis, self.input_size)
-        return self._stacks[key]
-
-    def precompute(self) -> "SortingBatchDataset":
-        for v in range(len(self.volumes)):
-            for a in self.axes:
-                self.stack(v, a)
-        return self
-
     def indices(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """``min(n_slices, n)`` distinct indices in ``[0, n)``, in random order."""
         m = min(self.n_slices, n)
@@ -318,12 +345,7 @@ class SortingBatchDataset(Dataset):
         return rng.choice(n, size=m, replace=False, p=p)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        if isinstance(key, tuple):
-            epoch, idx = (int(x) for x in key)
-        else:
-            epoch, idx = self.epoch, int(key)
-        if not 0 <= idx < self.length:
-            raise IndexError(f"index {idx} out of range for {self.length} items")
+        epoch, idx = self._key(key)
         rng = np.random.default_rng([self.seed, epoch, idx])
         v = int(rng.integers(len(self.volumes)))
         axis = self.axes[int(rng.integers(len(self.axes)))]
@@ -349,7 +371,7 @@ def _twin_index(rng: np.random.Generator, i: int, n: int, k: int) -> int:
     return j + 1 if j >= i else j
 
 
-class RotationPairDataset(Dataset):
+class RotationPairDataset(_SliceDataset):
     """Random rotation pairs from in-memory volumes; each item is a fixed function of its key.
 
     Item ``idx`` is drawn with ``np.random.default_rng([seed, epoch, idx])``: a volume and
@@ -435,27 +457,6 @@ class RotationPairDataset(Dataset):
         self._stacks: dict[tuple[int, int], np.ndarray] = {}
         self._probs: dict[tuple[int, int], np.ndarray] = {}
 
-    def __len__(self) -> int:
-        return self.length
-
-    def set_epoch(self, epoch: int) -> None:
-        """Draw integer keys of the given epoch from now on."""
-        self.epoch = int(epoch)
-
-    def stack(self, volume: int, axis: int) -> np.ndarray:
-        """Square-resized slices ``(N, S, S)`` of one volume along one axis (cached)."""
-        key = (volume, axis)
-        if key not in self._stacks:
-            self._stacks[key] = square_slices(self.volumes[volume], axis, self.input_size)
-        return self._stacks[key]
-
-    def precompute(self) -> "RotationPairDataset":
-        """Fill the slice cache now, e.g. before worker processes fork and share it."""
-        for v in range(len(self.volumes)):
-            for a in self.axes:
-                self.stack(v, a)
-        return self
-
     def _ref_index(self, rng: np.random.Generator, v: int, axis: int) -> int:
         n = self.volumes[v].shape[axis]
         if self.slice_weights is None:
@@ -478,12 +479,7 @@ class RotationPairDataset(Dataset):
         return np.where(self.mask, img, np.float32(0)).astype(np.float32, copy=False)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
-        if isinstance(key, tuple):
-            epoch, idx = (int(x) for x in key)
-        else:
-            epoch, idx = self.epoch, int(key)
-        if not 0 <= idx < self.length:
-            raise IndexError(f"index {idx} out of range for {self.length} items")
+        epoch, idx = self._key(key)
         rng = np.random.default_rng([self.seed, epoch, idx])
         v = int(rng.integers(len(self.volumes)))
         axis = self.axes[int(rng.integers(len(self.axes)))]
