@@ -41,18 +41,22 @@ class WorkingCopy:
         return (out[0], out[1], out[2])
 
 
-def working_copy(volume: Any, max_voxels: int = 256**3) -> WorkingCopy:
-    """Read ``volume`` (Z, Y, X) slab by slab into a float32 block-mean downsampled copy.
+def working_copy(volume: Any, max_voxels: int = 256**3, max_bytes: int | None = None) -> WorkingCopy:
+    """Read ``volume`` (Z, Y, X) block by block into a float32 block-mean downsampled copy.
 
     The downsampling factor is the smallest integer ``f`` (same on every axis, so voxels
-    stay isotropic) with ``prod(ceil(shape / f)) <= max_voxels``; only one slab of ``f``
-    axial slices is in memory beside the result.
+    stay isotropic) with ``prod(ceil(shape / f)) <= max_voxels``. The volume is read in
+    blocks of ``f`` axial slices by a whole number of ``f``-row bands, each at most
+    ``max_bytes`` as float32 (default :data:`tomoloc.io.SLAB_BYTES`; at least one band of
+    ``f`` rows), so memory is the result plus one block whatever the volume's size.
 
     Raises
     ------
     BadValuesError
         If the volume holds NaN/inf or is constant.
     """
+    from tomoloc.io import SLAB_BYTES
+
     shape = tuple(int(s) for s in volume.shape)
     if len(shape) != 3:
         raise BadValuesError(f"expected a 3D volume, got shape {shape}")
@@ -61,11 +65,17 @@ def working_copy(volume: Any, max_voxels: int = 256**3) -> WorkingCopy:
         f += 1
     out_shape = tuple(math.ceil(s / f) for s in shape)
     out = np.empty(out_shape, dtype=np.float32)
+    row_bytes = f * f * shape[2] * 4  # one band: f slices x f rows x X columns, float32
+    bands = max(1, (SLAB_BYTES if max_bytes is None else int(max_bytes)) // row_bytes)
     for i in range(out_shape[0]):
-        slab = np.asarray(volume[i * f : (i + 1) * f], dtype=np.float32)
-        if not np.isfinite(slab).all():
-            raise BadValuesError(f"volume holds NaN or infinite values (first in slices {i * f}-{i * f + len(slab) - 1})")
-        out[i] = _block_mean_2d(slab.mean(axis=0), f)
+        z0 = i * f
+        for j0 in range(0, out_shape[1], bands):
+            j1 = min(j0 + bands, out_shape[1])
+            block = np.asarray(volume[z0 : z0 + f, j0 * f : j1 * f], dtype=np.float32)
+            if not np.isfinite(block).all():
+                raise BadValuesError(f"volume holds NaN or infinite values "
+                                     f"(first in slices {z0}-{z0 + len(block) - 1})")
+            out[i, j0:j1] = _block_mean_2d(block.mean(axis=0), f)
     if float(out.max()) == float(out.min()):
         raise BadValuesError(f"volume is constant (every voxel is {float(out.min()):g})")
     return WorkingCopy(out, (f, f, f), shape)  # type: ignore[arg-type]
