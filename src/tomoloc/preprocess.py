@@ -48,7 +48,7 @@ def working_copy(volume: Any, max_voxels: int = 256**3, max_bytes: int | None = 
     stay isotropic) with ``prod(ceil(shape / f)) <= max_voxels``. The volume is read in
     blocks of ``f`` axial slices by a whole number of ``f``-row bands, each at most
     ``max_bytes`` as float32 (default :data:`tomoloc.io.SLAB_BYTES`; at least one band of
-    ``f`` rows), so memory is the result plus one block whatever the volume's size.
+    ``f`` rows, counted at float32 or wider), so memory is the result plus one block whatever the volume's size.
 
     Raises
     ------
@@ -65,17 +65,22 @@ def working_copy(volume: Any, max_voxels: int = 256**3, max_bytes: int | None = 
         f += 1
     out_shape = tuple(math.ceil(s / f) for s in shape)
     out = np.empty(out_shape, dtype=np.float32)
-    row_bytes = f * f * shape[2] * 4  # one band: f slices x f rows x X columns, float32
+    row_bytes = f * f * shape[2] * max(4, np.dtype(volume.dtype).itemsize)  # f slices x f rows x X
     bands = max(1, (SLAB_BYTES if max_bytes is None else int(max_bytes)) // row_bytes)
     for i in range(out_shape[0]):
         z0 = i * f
         for j0 in range(0, out_shape[1], bands):
             j1 = min(j0 + bands, out_shape[1])
-            block = np.asarray(volume[z0 : z0 + f, j0 * f : j1 * f], dtype=np.float32)
-            if not np.isfinite(block).all():
-                raise BadValuesError(f"volume holds NaN or infinite values "
-                                     f"(first in slices {z0}-{z0 + len(block) - 1})")
-            out[i, j0:j1] = _block_mean_2d(block.mean(axis=0), f)
+            block = np.asarray(volume[z0 : z0 + f, j0 * f : j1 * f])
+            # Averaged in float32 straight from the stored type (no float copy of the block);
+            # NaN/inf anywhere make the mean non-finite, and only then is the block searched.
+            mean = block.mean(axis=0, dtype=np.float32)
+            if not np.isfinite(mean).all():
+                if not np.isfinite(block).all():
+                    raise BadValuesError(f"volume holds NaN or infinite values "
+                                         f"(first in slices {z0}-{z0 + len(block) - 1})")
+                mean = block.mean(axis=0, dtype=np.float64).astype(np.float32)  # float32 overflow
+            out[i, j0:j1] = _block_mean_2d(mean, f)
     if float(out.max()) == float(out.min()):
         raise BadValuesError(f"volume is constant (every voxel is {float(out.min()):g})")
     return WorkingCopy(out, (f, f, f), shape)  # type: ignore[arg-type]
@@ -85,12 +90,12 @@ def _block_mean_2d(img: np.ndarray, f: int) -> np.ndarray:
     if f == 1:
         return img
     h, w = img.shape
-    ph, pw = -h % f, -w % f
-    # NaN padding + nanmean averages partial edge blocks over the voxels they really have.
-    padded = np.pad(img, ((0, ph), (0, pw)), constant_values=np.nan)
-    blocks = padded.reshape(padded.shape[0] // f, f, padded.shape[1] // f, f)
-    with np.errstate(invalid="ignore"):
-        return np.nanmean(blocks, axis=(1, 3)).astype(np.float32)
+    # Sums over column groups, then row groups; reduceat's last group is the partial edge
+    # block, averaged over the voxels it really has.
+    sums = np.add.reduceat(np.add.reduceat(img, np.arange(0, w, f), axis=1), np.arange(0, h, f), axis=0)
+    rows = np.minimum(f, h - np.arange(0, h, f))
+    cols = np.minimum(f, w - np.arange(0, w, f))
+    return (sums / np.outer(rows, cols)).astype(np.float32)
 
 
 def fill_value(data: np.ndarray, min_fraction: float = 0.01) -> float | None:
