@@ -47,6 +47,9 @@ out = Console()
 err = Console(stderr=True)
 
 USER_ERRORS = (io.VolumeError, BoxFileError, FileExistsError, FileNotFoundError, BadValuesError)
+SCHEDULER_HELP = ("Map volumes over Dask: 'local' (a LocalCluster of --workers processes) or a scheduler "
+                  "address such as tcp://host:8786 (workers must see the same paths).")
+MAX_MEMORY_HELP = "Peak memory for one volume's data per process, e.g. 1G or 768M (volumes of any size)."
 
 
 class UsageProblem(ValueError):
@@ -233,6 +236,8 @@ def localize(
     top_fraction: float = typer.Option(0.1, help="Sorting: share of superpixels with the highest variance kept."),
     seed: int = typer.Option(0, help="Sorting: seed of the dropout masks."),
     truth: Optional[Path] = typer.Option(None, help="ground_truth.json: draw the true boxes in the figures."),
+    scheduler: Optional[str] = typer.Option(None, help=SCHEDULER_HELP),
+    workers: Optional[int] = typer.Option(None, min=1, help="Worker processes of --scheduler local (default: CPUs)."),
 ) -> None:
     """Box the sample in each volume and write a tomoloc-boxes/1 file.
 
@@ -241,17 +246,24 @@ def localize(
 
     Example: tomoloc localize data/vol_*.npy --method otsu --out boxes.json
     """
+    _check_scheduler(scheduler, workers)
     localizer, cfg = make_localizer(method.value, value, calibrate, max_voxels, model, stride, mc_samples,
                                     top_fraction, seed)
-    from tomoloc.localize import localize_files
+    from tomoloc.localize import localize_file, localize_files
 
     ssl = method.value in ("rotation", "sorting")
     details = out_path.parent / f"{out_path.stem}_details" if ssl else None
     truth_by_name = index_by_name(read_boxes(truth), truth) if truth else {}
     with _progress() as prog:
         task = prog.add_task(f"localize ({method.value})", total=len(volumes))
-        records = localize_files(volumes, localizer, lambda _p: prog.advance(task),
-                                 keep_details=details is not None)
+        if scheduler:
+            for v in volumes:  # bad paths fail here, before a cluster starts
+                io.open_volume(v).close()
+            records = _map_volumes(localize_file, volumes, localizer, details is not None, scheduler=scheduler,
+                                   workers=workers, advance=lambda: prog.advance(task))
+        else:
+            records = localize_files(volumes, localizer, lambda _p: prog.advance(task),
+                                     keep_details=details is not None)
     if details is not None:
         from tomoloc.report import write_details
 
@@ -377,13 +389,22 @@ def crop(
     margin: int = typer.Option(0, min=0, help="Voxels added on both sides of every axis, clipped to the volume."),
     fmt: Optional[Format] = typer.Option(None, "--format", help="Output format (default: the input's)."),
     overwrite: bool = typer.Option(False, help="Replace existing outputs in --out."),
+    max_memory: str = typer.Option("1G", help=MAX_MEMORY_HELP),
+    scheduler: Optional[str] = typer.Option(None, help=SCHEDULER_HELP),
+    workers: Optional[int] = typer.Option(None, min=1, help="Worker processes of --scheduler local (default: CPUs)."),
 ) -> None:
-    """Crop each volume to its box (plus margin) and report the storage saved.
+    """Crop each volume to its box (plus margin), verify each crop, and report the storage saved.
 
     Example: tomoloc crop data/vol_*.npy --boxes boxes.json --out cropped/ --margin 4
     """
-    from tomoloc.crop import crop_volume, output_path
+    from tomoloc.crop import crop_item, output_path
+    from tomoloc.memory import crop_slab_bytes
 
+    _check_scheduler(scheduler, workers)
+    try:
+        slab_bytes = crop_slab_bytes(_max_memory(max_memory))
+    except ValueError as exc:
+        raise UsageProblem(str(exc)) from None
     by_name = index_by_name(read_boxes(boxes), boxes)
     plan = []
     # Check everything before writing anything: a bad volume must not leave half a batch.
@@ -398,23 +419,21 @@ def crop(
         if target.exists() and not overwrite:
             raise FileExistsError(f"{target}: already exists (use --overwrite to replace it)")
         plan.append((v, rec))
-    rows, results = [], []
+    t0 = time.perf_counter()
     with _progress() as prog:
         task = prog.add_task("crop", total=len(plan))
-        for v, rec in plan:
-            t0 = time.perf_counter()
-            res = crop_volume(v, rec.bbox, out_dir, margin=margin, fmt=fmt.value if fmt else None,
-                              overwrite=overwrite)
-            results.append(res)
-            rows.append({"volume": v, "output": str(res.output), "bbox": [list(b) for b in res.bbox],
-                         "bytes_before": res.bytes_before, "bytes_after": res.bytes_after,
-                         "seconds": round(time.perf_counter() - t0, 3)})
-            prog.advance(task)
+        results = _map_volumes(crop_item, [(v, rec.bbox) for v, rec in plan], out_dir, scheduler=scheduler,
+                               workers=workers, advance=lambda: prog.advance(task), margin=margin,
+                               fmt=fmt.value if fmt else None, overwrite=overwrite, slab_bytes=slab_bytes)
+    rows = [{"volume": v, "output": str(res.output), "bbox": [list(b) for b in res.bbox],
+             "bytes_before": res.bytes_before, "bytes_after": res.bytes_after, "checksum": res.checksum,
+             "verified": res.verified} for (v, _), res in zip(plan, results)]
     before = sum(r.bytes_before for r in results)
     after = sum(r.bytes_after for r in results)
     manifest = {"config": {"command": "crop", "boxes": str(boxes), "margin": margin,
                            "format": fmt.value if fmt else None, "tomoloc": __version__},
-                "volumes": rows, "bytes_before": before, "bytes_after": after}
+                "volumes": rows, "bytes_before": before, "bytes_after": after,
+                "seconds": round(time.perf_counter() - t0, 3)}
     write_text_atomic(out_dir / "crop_manifest.json", json.dumps(manifest, indent=1) + "\n")
     for r in rows:
         out.print(f"{r['volume']} -> {r['output']}: {r['bytes_before']:,} -> {r['bytes_after']:,} bytes")
@@ -435,34 +454,96 @@ def run_cmd(
     fmt: Optional[Format] = typer.Option(None, "--format", help="Output format (default: each input's)."),
     device: str = typer.Option("auto", help="auto (GPU when available) or cpu."),
     seed: int = typer.Option(0, help="Random seed (training, dropout masks)."),
-    overwrite: bool = typer.Option(False, help="Replace the outputs of an earlier run in --out."),
+    overwrite: bool = typer.Option(False, help="Start afresh: replace the outputs of an earlier run in --out."),
+    resume: bool = typer.Option(True, help="Resume the run already in --out (same options): skip volumes done."),
+    scheduler: Optional[str] = typer.Option(None, help=SCHEDULER_HELP),
+    workers: Optional[int] = typer.Option(None, min=1, help="Worker processes of --scheduler local (default: CPUs)."),
+    max_memory: str = typer.Option("1G", help=MAX_MEMORY_HELP),
+    delete_originals: bool = typer.Option(False, help="Delete each input once its crop is verified and recorded."),
 ) -> None:
-    """The batch job: (train,) localize, crop, and write boxes, a manifest and a report.
+    """The batch job: (train,) localize, crop, verify, and write boxes, a manifest and a report.
+
+    A volume that fails is reported (one line each, exit status 2) and the others go on; a
+    rerun into the same --out resumes, skipping volumes already done.
 
     Example: tomoloc run scans/*.h5 --out cropped/ --margin 8
     """
-    from tomoloc.pipeline import RunConfig, run_batch
+    from tomoloc.pipeline import RunConfig, VolumeFailures, run_batch
 
     if model is not None and not (model / "config.json").is_file():
         raise UsageProblem(f"--model {model}: not a tomoloc training run (no config.json)")
     try:
         cfg = RunConfig(method=method.value, margin=margin, model=str(model) if model else None, epochs=epochs,
-                        steps=steps, seed=seed, format=fmt.value if fmt else None, device=device)
+                        steps=steps, seed=seed, format=fmt.value if fmt else None, device=device,
+                        max_memory=_max_memory(max_memory), delete_originals=delete_originals)
     except ValueError as exc:
         raise UsageProblem(str(exc)) from None
+    _check_scheduler(scheduler, workers)
+    failures: list[str] = []
     with _progress() as prog:
         task = prog.add_task(f"run ({method.value})", total=len(volumes))
         try:
-            manifest = run_batch(volumes, out_dir, cfg, overwrite=overwrite,
-                                 log=lambda m: err.print(m, markup=False, highlight=False),
+            manifest = run_batch(volumes, out_dir, cfg, overwrite=overwrite, resume=resume, scheduler=scheduler,
+                                 workers=workers, log=lambda m: err.print(m, markup=False, highlight=False, soft_wrap=True),
                                  on_volume=lambda _p: prog.advance(task))
+        except VolumeFailures as exc:
+            manifest, failures = exc.manifest, exc.lines
         except ValueError as exc:
             raise UsageProblem(str(exc)) from None
+    _print_run(manifest, out_dir)
+    _exit_on_failures(failures)
+
+
+
+def _max_memory(text: str) -> int:
+    from tomoloc.memory import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise UsageProblem(f"--max-memory {exc}") from None
+
+
+def _check_scheduler(scheduler: str | None, workers: int | None) -> None:
+    if workers is not None and scheduler != "local":
+        raise UsageProblem("--workers sizes --scheduler local; give --scheduler local, or leave --workers out")
+
+
+def _print_run(manifest: dict[str, Any], out_dir: Path) -> None:
     for r in manifest["volumes"]:
+        if r["status"] != "done":
+            continue
         out.print(f"{r['volume']} -> {r['output']}: box {r['bbox']}, {r['bytes_before']:,} -> "
                   f"{r['bytes_after']:,} bytes" + ("  [check: " + "; ".join(r["flags"]) + "]" if r["flags"] else ""))
     out.print(f"total {manifest['bytes_before']:,} -> {manifest['bytes_after']:,} bytes: reduction "
-              f"{manifest['reduction']:.2f}x in {manifest['seconds']:.0f} s; report: {out_dir / 'report.html'}")
+              f"{manifest['reduction']:.2f}x in {manifest['seconds']:.0f} s; {manifest['done']} done, "
+              f"{manifest['failed']} failed; report: {out_dir / 'report.html'}")
+
+
+def _exit_on_failures(lines: list[str]) -> None:
+    """One ``tomoloc: error:`` line per failed volume, then exit status 2."""
+    for line in lines:
+        err.print(f"tomoloc: error: {line}", markup=False, highlight=False, soft_wrap=True)
+    if lines:
+        raise typer.Exit(2)
+
+
+def _map_volumes(fn: Callable[..., Any], items: list[Any], *args: Any, scheduler: str | None,
+                 workers: int | None, advance: Callable[[], None], **kwargs: Any) -> list[Any]:
+    """``[fn(item, *args, **kwargs) for item in items]``, over Dask when ``scheduler``; the first
+    error is raised."""
+    from contextlib import nullcontext
+
+    from tomoloc.cluster import dask_client, map_unordered
+
+    results: list[Any] = [None] * len(items)
+    with dask_client(scheduler, workers) if scheduler else nullcontext() as client:
+        for i, res in map_unordered(fn, items, *args, client=client, **kwargs):
+            if isinstance(res, BaseException):
+                raise res
+            results[i] = res
+            advance()
+    return results
 
 
 # ------------------------------------------------------------------------------ demo

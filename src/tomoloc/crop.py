@@ -225,6 +225,11 @@ def crop_volume(
     )
 
 
+def crop_item(item: tuple[str, Sequence[Sequence[int]]], out_dir: str | os.PathLike, **kwargs: Any) -> CropResult:
+    """:func:`crop_volume` of ``item = (source, bbox)`` (the unit of work mapped over Dask workers)."""
+    return crop_volume(item[0], item[1], out_dir, **kwargs)
+
+
 def _remove(path: Path) -> None:
     import shutil
 
@@ -234,8 +239,8 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def delete_original(source: str | os.PathLike, result: CropResult) -> bool:
-    """Delete a cropped volume's input once its crop was verified; return whether it was.
+def delete_original(source: str | os.PathLike, output: str | os.PathLike, verified: bool) -> bool:
+    """Delete a cropped volume's input once its crop ``output`` was verified; return whether it was.
 
     Only a whole file or slice folder goes: an input that names a dataset inside a container
     (``file.h5:/entry/data``) is kept, since the container may hold more than this volume.
@@ -243,15 +248,17 @@ def delete_original(source: str | os.PathLike, result: CropResult) -> bool:
     Raises
     ------
     CropVerificationError
-        ``result`` was not verified: an unverified crop never replaces its original.
+        ``verified`` is false: an unverified crop never replaces its original.
+    FileExistsError
+        ``output`` is the input itself.
     """
-    if not result.verified:
-        raise CropVerificationError(f"{source}: not deleted: its crop {result.output} was not verified")
+    if not verified:
+        raise CropVerificationError(f"{source}: not deleted: its crop {output} was not verified")
     file, inner = io.split_dataset_path(str(source))
     if inner is not None:
         return False
     p = Path(file)
-    if _same_file(p, result.output) or p.resolve() == Path(result.output).resolve():
+    if p.resolve() == Path(output).resolve() or _same_file(p, Path(output)):
         raise FileExistsError(f"{source}: not deleted: it is its own crop")
     _remove(p)
     return True
