@@ -299,8 +299,11 @@ def train(
     margin: float = typer.Option(TRAIN_DEFAULTS.margin, help="Sorting: ranking margin between ordered slices."),
     sampling: Sampling = typer.Option(Sampling.uniform, help="Sorting: slice indices uniform or generalized-Gaussian."),
     holder: str = typer.Option("none", help="none, or zmedian: subtract the per-pixel median over axis 0."),
-    devices: str = typer.Option("auto", help="auto/cpu, gpu, or a number of GPUs (DDP when > 1)."),
-    precision: str = typer.Option("32-true", help="32-true; on GPU also bf16-mixed or 16-mixed."),
+    devices: str = typer.Option("auto", help="auto/cpu, gpu, or a number of GPUs per node (DDP when > 1)."),
+    num_nodes: int = typer.Option(1, min=1, help="Nodes with --devices GPUs each (Lightning DDP; one process "
+                                  "per node, e.g. under srun)."),
+    precision: str = typer.Option("auto", help="auto (bf16-mixed on GPU, 32-true on CPU), 32-true, bf16-mixed, "
+                                  "16-mixed."),
     workers: int = typer.Option(0, min=0, help="Data-loading worker processes."),
     seed: int = typer.Option(0, help="Random seed (weights, split, samples)."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
@@ -320,7 +323,7 @@ def train(
     dev: str | int = int(devices) if devices.isdigit() else devices
     try:
         cfg = TrainConfig(task=task.value, backbone=backbone, input_size=input_size, batch_size=batch_size,
-                          epochs=epochs, steps_per_epoch=steps, lr=lr, seed=seed, devices=dev,
+                          epochs=epochs, steps_per_epoch=steps, lr=lr, seed=seed, devices=dev, num_nodes=num_nodes,
                           precision=precision, num_workers=workers, axes=ax, k=k, step=angle_step,
                           holder=holder, margin=margin, sampling=sampling.value)
     except ValueError as exc:
