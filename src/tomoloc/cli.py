@@ -549,6 +549,61 @@ def _map_volumes(fn: Callable[..., Any], items: list[Any], *args: Any, scheduler
     return results
 
 
+# ----------------------------------------------------------------------------- watch
+@app.command()
+@_user_errors
+def watch(
+    directory: Path = typer.Argument(..., help="Folder the acquisition writes volumes into."),
+    out_dir: Path = typer.Option(..., "--out", help="Job folder (crops, manifest.json: the watcher's state)."),
+    model: Optional[Path] = typer.Option(None, help="Trained run (its task is the method); none: otsu."),
+    method: Optional[RunMethod] = typer.Option(None, help="Localization method (default: the model's task)."),
+    margin: int = typer.Option(8, min=0, help="Voxels kept on both sides of every axis around the box."),
+    fmt: Optional[Format] = typer.Option(None, "--format", help="Output format (default: each input's)."),
+    device: str = typer.Option("auto", help="auto (GPU when available) or cpu."),
+    seed: int = typer.Option(0, help="Random seed (dropout masks)."),
+    interval: float = typer.Option(5.0, min=0.0, help="Seconds between two scans of the folder."),
+    stable_seconds: float = typer.Option(30.0, min=0.0, help="A volume is complete once unchanged this long."),
+    done_marker: Optional[str] = typer.Option(None, help="Suffix of the writer's done-marker (e.g. .done): "
+                                              "take a volume only once <name><suffix> exists."),
+    max_volumes: Optional[int] = typer.Option(None, min=1, help="Stop after this many volumes."),
+    timeout: Optional[float] = typer.Option(None, min=0.0, help="Stop after this many seconds."),
+    max_memory: str = typer.Option("1G", help=MAX_MEMORY_HELP),
+    delete_originals: bool = typer.Option(False, help="Delete each input once its crop is verified and recorded."),
+) -> None:
+    """Crop each new volume in DIRECTORY once it is complete; a restart resumes from --out.
+
+    One log line per volume; Ctrl-C (or --max-volumes/--timeout) stops and writes the report.
+
+    Example: tomoloc watch /beamline/scans --model runs/sort --out /beamline/cropped
+    """
+    from tomoloc.pipeline import RunConfig
+    from tomoloc.watch import Watcher
+
+    if model is not None and not (model / "config.json").is_file():
+        raise UsageProblem(f"--model {model}: not a tomoloc training run (no config.json)")
+    if method is not None:
+        name = method.value
+    elif model is not None:
+        name = json.loads((model / "config.json").read_text(encoding="utf-8"))["config"]["task"]
+    else:
+        name = "otsu"
+    if name != "otsu" and model is None:
+        raise UsageProblem(f"--method {name} needs --model RUN_DIR (train it first: tomoloc train --task {name})")
+    try:
+        cfg = RunConfig(method=name, margin=margin, model=str(model) if model else None, seed=seed,
+                        format=fmt.value if fmt else None, device=device, max_memory=_max_memory(max_memory),
+                        delete_originals=delete_originals)
+    except ValueError as exc:
+        raise UsageProblem(str(exc)) from None
+    w = Watcher(directory, out_dir, cfg, stable_seconds=stable_seconds, done_marker=done_marker,
+                log=lambda m: err.print(m, markup=False, highlight=False, soft_wrap=True))
+    err.print(f"watching {directory} ({name}; complete = "
+              + (f"'<name>{done_marker}' exists" if done_marker else f"unchanged for {stable_seconds:g} s")
+              + f"); crops into {out_dir}", markup=False, highlight=False, soft_wrap=True)
+    n = w.run(interval=interval, max_volumes=max_volumes, timeout=timeout)
+    out.print(f"took {n} volume(s); manifest: {out_dir / 'manifest.json'}")
+
+
 # ------------------------------------------------------------------------------ demo
 @app.command()
 @_user_errors

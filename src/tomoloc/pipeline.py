@@ -449,7 +449,8 @@ def run_batch(
     previous: list[dict[str, Any]] = []
     if resuming and (out / "manifest.json").is_file():
         previous = [r for r in _read_json(out / "manifest.json").get("volumes", []) if isinstance(r, dict)]
-    done = {_key(r["volume"]): r for r in previous if _still_done(r)}
+    wanted = {_key(v) for v in inputs}  # rows of other volumes are kept as they are, unchecked
+    done = {_key(r["volume"]): r for r in previous if _key(r["volume"]) in wanted and _still_done(r)}
     plan = _plan(inputs, out, cfg, overwrite, resuming, done)
     todo = [j for j in plan if _key(j.volume) not in done]
 

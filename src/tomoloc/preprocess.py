@@ -92,6 +92,7 @@ def _block_mean_2d(img: np.ndarray, f: int) -> np.ndarray:
     h, w = img.shape
     # Sums over column groups, then row groups; reduceat's last group is the partial edge
     # block, averaged over the voxels it really has.
+    img = img.astype(np.float64)  # one 2D band: exact enough sums, no float32 overflow
     sums = np.add.reduceat(np.add.reduceat(img, np.arange(0, w, f), axis=1), np.arange(0, h, f), axis=0)
     rows = np.minimum(f, h - np.arange(0, h, f))
     cols = np.minimum(f, w - np.arange(0, w, f))
