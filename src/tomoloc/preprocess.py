@@ -74,7 +74,8 @@ def working_copy(volume: Any, max_voxels: int = 256**3, max_bytes: int | None = 
             block = np.asarray(volume[z0 : z0 + f, j0 * f : j1 * f])
             # Averaged in float32 straight from the stored type (no float copy of the block);
             # NaN/inf anywhere make the mean non-finite, and only then is the block searched.
-            mean = block.mean(axis=0, dtype=np.float32)
+            with np.errstate(over="ignore", invalid="ignore"):  # checked on the next line
+                mean = block.mean(axis=0, dtype=np.float32)
             if not np.isfinite(mean).all():
                 if not np.isfinite(block).all():
                     raise BadValuesError(f"volume holds NaN or infinite values "
