@@ -91,13 +91,20 @@ def _block_mean_2d(img: np.ndarray, f: int) -> np.ndarray:
     if f == 1:
         return img
     h, w = img.shape
-    # Sums over column groups, then row groups; reduceat's last group is the partial edge
-    # block, averaged over the voxels it really has.
-    img = img.astype(np.float64)  # one 2D band: exact enough sums, no float32 overflow
-    sums = np.add.reduceat(np.add.reduceat(img, np.arange(0, w, f), axis=1), np.arange(0, h, f), axis=0)
+    # float64: exact enough sums, no float32 overflow. Zero padding to whole blocks, then f
+    # strided additions per axis (much faster than a reduction over a reshaped axis); the
+    # partial edge blocks are divided by the voxels they really have.
+    padded = np.zeros((-(-h // f) * f, -(-w // f) * f))
+    padded[:h, :w] = img
+    cols = padded[:, 0::f].copy()
+    for k in range(1, f):
+        cols += padded[:, k::f]
+    sums = cols[0::f].copy()
+    for k in range(1, f):
+        sums += cols[k::f]
     rows = np.minimum(f, h - np.arange(0, h, f))
-    cols = np.minimum(f, w - np.arange(0, w, f))
-    return (sums / np.outer(rows, cols)).astype(np.float32)
+    ncols = np.minimum(f, w - np.arange(0, w, f))
+    return (sums / np.outer(rows, ncols)).astype(np.float32)
 
 
 def fill_value(data: np.ndarray, min_fraction: float = 0.01) -> float | None:

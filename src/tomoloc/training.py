@@ -680,9 +680,11 @@ def load_model(run_dir: str | os.PathLike, which: str = "best",
     path = Path(run_dir) / "checkpoints" / f"{which}.ckpt" if which in ("best", "last") else Path(which)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    # Memory-mapped: the optimizer state (twice the weights for AdamW) is never read in.
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     config = TrainConfig.from_dict(ckpt["hyper_parameters"]["config"])
     net = _net_for(config)
     state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     net.load_state_dict(state)
+    del ckpt, state
     return net.to(map_location).eval(), config
