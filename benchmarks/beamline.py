@@ -163,7 +163,7 @@ def bench_rate(tmp: Path, model: Path, n: int, workers: list[int]) -> list[str]:
     d.mkdir()
     paths = []
     for s in range(n):
-        ph = make_phantom((64, 64, 64), kind="mixed", seed=50 + s).volume
+        ph = make_phantom((64, 64, 64), kind=("fish", "embryo")[s % 2], seed=50 + s).volume
         p = d / f"vol_{s:03d}.npy"
         io.save_volume(p, Upsampled(ph, 8, seed=50 + s))
         paths.append(str(p))

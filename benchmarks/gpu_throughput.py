@@ -99,7 +99,7 @@ def localize_seconds(tmp: Path) -> list[str]:
     from tomoloc.synth import make_phantom, write_batch
 
     vol = tmp / "vol512.npy"
-    io.save_volume(vol, Upsampled(make_phantom((64, 64, 64), kind="mixed", seed=60).volume, 8, seed=60))
+    io.save_volume(vol, Upsampled(make_phantom((64, 64, 64), kind="fish", seed=60).volume, 8, seed=60))
     gt = write_batch(tmp / "train", n=4, kind="mixed", shape=(64, 96, 96), seed=61)
     vols = sorted(str(p) for p in gt.parent.glob("vol_*[0-9].npy"))
     rows = []
