@@ -161,7 +161,7 @@ def test_verification_catches_a_wrong_crop(tmp_path):
         verify_crop(res.output, (2, 5, 4), np.int32, res.checksum)
 
 
-def test_max_memory_option():
+def test_max_memory_option(tmp_path):
     assert parse_size("1G") == 2**30 and parse_size("512M") == 2**29 and parse_size("1.5GiB") == 3 * 2**29
     assert parse_size("1073741824") == 2**30
     with pytest.raises(ValueError):
@@ -170,6 +170,9 @@ def test_max_memory_option():
     assert crop_slab_bytes(MIN_MAX_MEMORY) == 4 * 2**20
     with pytest.raises(ValueError, match="below the minimum"):
         RunConfig(max_memory=MIN_MAX_MEMORY - 1)
+    for bad in ("10M", "lots"):
+        res = run("run", tmp_path / "x.npy", "--out", tmp_path / "o", "--max-memory", bad)
+        assert res.exit_code == 2 and "--max-memory" in res.stderr and not (tmp_path / "o").exists()
 
 
 # ----------------------------------------------------------------- failures, resume
@@ -343,3 +346,31 @@ def test_watch_done_marker_and_cli(tmp_path):
     assert [Path(r["volume"]).name for r in man["volumes"]] == ["a.npy", "b.npy"]
     one = run("watch", src, "--out", out, "--method", "sorting")
     assert one.exit_code == 2 and "--model" in one.stderr
+
+
+def _peak_growth_kb(fn):
+    """Peak resident memory (VmHWM) above the start while ``fn()`` runs, in KiB, and its result."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets the high-water mark
+    except OSError:
+        pytest.skip("cannot reset the peak RSS (/proc/self/clear_refs)")
+    status = lambda: dict(ln.split(":", 1) for ln in Path("/proc/self/status").read_text().splitlines())  # noqa: E731
+    base = int(status()["VmRSS"].split()[0])
+    out = fn()
+    return int(status()["VmHWM"].split()[0]) - base, out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_sagittal_slice_of_a_mapped_volume_is_read_in_mapped_pieces(tmp_path, monkeypatch):
+    # One voxel per row touches every page of the file: 48 MiB resident at once if mapped whole,
+    # at most one piece (8 MiB here) when read in pieces.
+    monkeypatch.setattr(io, "SLAB_BYTES", 8 * 2**20)
+    a = np.lib.format.open_memmap(tmp_path / "big.npy", mode="w+", dtype=np.uint16, shape=(96, 512, 512))
+    a[:] = 7
+    a[:, :, 3] = np.arange(96)[:, None]
+    del a
+    with io.open_volume(tmp_path / "big.npy") as vol:
+        growth, col = _peak_growth_kb(lambda: vol.slice(2, 3))
+        np.testing.assert_array_equal(col, np.repeat(np.arange(96)[:, None], 512, axis=1))
+        np.testing.assert_array_equal(vol[90:2:-7, 5, 3:5], np.load(tmp_path / "big.npy")[90:2:-7, 5, 3:5])
+    assert growth < 24 * 1024, f"peak {growth} KiB above the start"

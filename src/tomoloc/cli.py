@@ -516,8 +516,10 @@ def _print_run(manifest: dict[str, Any], out_dir: Path) -> None:
     for r in manifest["volumes"]:
         if r["status"] != "done":
             continue
+        # markup=False: "[check: ...]" is text, not a rich style tag.
         out.print(f"{r['volume']} -> {r['output']}: box {r['bbox']}, {r['bytes_before']:,} -> "
-                  f"{r['bytes_after']:,} bytes" + ("  [check: " + "; ".join(r["flags"]) + "]" if r["flags"] else ""))
+                  f"{r['bytes_after']:,} bytes" + ("  [check: " + "; ".join(r["flags"]) + "]" if r["flags"] else ""),
+                  markup=False, highlight=False)
     out.print(f"total {manifest['bytes_before']:,} -> {manifest['bytes_after']:,} bytes: reduction "
               f"{manifest['reduction']:.2f}x in {manifest['seconds']:.0f} s; {manifest['done']} done, "
               f"{manifest['failed']} failed; report: {out_dir / 'report.html'}")

@@ -240,6 +240,23 @@ class _MapBackend(_ArrayBackend):
         self._open_map = open_map
 
     def read(self, box: tuple[slice, slice, slice]) -> np.ndarray:
+        # A read touches every page its axis-0 range spans (a sagittal slice touches the whole
+        # file), so long ranges are read in pieces of at most SLAB_BYTES of whole slices, each
+        # through a map of its own.
+        zs = range(*box[0].indices(self.shape[0]))
+        per_slice = max(1, int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize)
+        depth = max(1, SLAB_BYTES // (per_slice * max(1, zs.step)))
+        if len(zs) <= depth:
+            return self._read_piece(box)
+        rows = len(range(*box[1].indices(self.shape[1])))
+        cols = len(range(*box[2].indices(self.shape[2])))
+        out = np.empty((len(zs), rows, cols), self.dtype)
+        for k in range(0, len(zs), depth):
+            piece = zs[k : k + depth]
+            out[k : k + len(piece)] = self._read_piece((slice(piece.start, piece.stop, piece.step), *box[1:]))
+        return out
+
+    def _read_piece(self, box: tuple[slice, ...]) -> np.ndarray:
         array = self._open_map()
         try:
             return np.array(array[self.lead + box])

@@ -5,13 +5,16 @@ A volume is never held whole: localization reads it in blocks into a working cop
 therefore fixed by the working copy, not by the volume:
 
 - localization: the working copy (64 MiB), the localizer's temporaries on it (labels,
-  masks, normalised copies, network batches) and one read block (64 MiB as float32);
-  :data:`LOCALIZE_RESERVE` is set from measurements (BENCHMARKS.md, "Beamline scale");
+  masks, normalised copies, network batches) and one read block (at most 64 MiB).
+  Measured with ``tracemalloc``: Otsu on a 256^3 float32 working copy peaks at 281 MiB
+  including the copy, so with the read block :data:`LOCALIZE_RESERVE` = 384 MiB covers it;
+  the self-supervised localizers work on the model's smaller working copy (128^3 by default);
 - cropping: one slab as read, its cast copy, the writer's buffer and the checksum's view,
   so a slab is at most a quarter of what is left.
 
-The interpreter and the libraries (NumPy, h5py, zarr, and torch for the self-supervised
-methods) come on top; with Dask, every worker process has its own budget.
+The interpreter and the libraries come on top: about 50 MiB for NumPy alone (Otsu), about
+800 MiB once torch (500 MiB resident for the CUDA build, even on a CPU) and Lightning are
+loaded for the self-supervised methods. With Dask, every worker process has its own budget.
 """
 
 from __future__ import annotations
