@@ -9,7 +9,7 @@
 2. Big volume: a synthetic mixed phantom (sample in a tube, 64x90x90) upsampled x16 with
    per-voxel noise into a uint16 .npy of about ``--gb`` GiB, written slab by slab. For each
    method, `tomoloc run BIG --out OUT [--model RUN]` (localize + crop + verify + report) and
-   `cp BIG COPY` run as child processes; wall time and peak RSS (``wait4``) of each. Page cache:
+   `cp BIG COPY` run as child processes; wall time and peak RSS (``/usr/bin/time``) of each. Page cache:
    "cold" evicts the input (``posix_fadvise DONTNEED`` after ``fsync``) before each command,
    "warm" reads it once before each; both orders are reported as measured.
 3. Volumes per hour: ``--n-rate`` volumes of 512^3 uint16 (256 MiB each, different phantoms),
@@ -204,9 +204,10 @@ def main() -> None:
         rate = [] if args.skip_rate else bench_rate(tmp, model, args.n_rate, args.workers)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    trained = ("trained beforehand and passed with --model" if args.model else "trained here")
     body = [
-        "Model for `--model`: a sorting run trained here on 4 synthetic mixed volumes of 64x96x96, 2 epochs x 20 "
-        "steps on the CPU (small on purpose: these figures are throughput and memory, not box quality). Load "
+        f"Model for `--model`: a sorting run on 4 synthetic mixed volumes of 64x96x96, 2 epochs x 20 steps on the "
+        f"CPU, {trained} (small on purpose: these figures are throughput and memory, not box quality). Load "
         "average (1, 5, 15 min) from /proc/loadavg right after each measurement; the 2 cores are shared.",
         "",
     ]
@@ -215,7 +216,7 @@ def main() -> None:
             f"One uint16 volume of about {args.gb:g} GiB (.npy; a 64x90x90 phantom upsampled with per-voxel noise). "
             "`tomoloc run BIG --out OUT --method M [--model RUN] --device cpu` (localize, crop, verify the crop by "
             "re-reading it, figures, report) against `cp BIG COPY`, each a child process: wall time and peak RSS "
-            "(`wait4`). cold: the input evicted from the page cache before each command; warm: read once "
+            "(`/usr/bin/time`). cold: the input evicted from the page cache before each command; warm: read once "
             "before each. Goals: ratio <= 1.5, run peak RSS <= 1024 MiB.",
             "",
             "| method | page cache | order | run s | cp s | ratio | run peak RSS (MiB) | cp peak RSS (MiB) | "

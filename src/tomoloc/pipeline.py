@@ -476,7 +476,7 @@ def run_batch(
                 log(f"trained in {train_s:.0f} s")
                 doc.update(model=str(model_dir), model_trained=True)
                 write_text_atomic(out / "run_config.json", json.dumps(doc, indent=1) + "\n")
-        if model_dir is not None:
+        if model_dir is not None and todo:
             _localizer(cfg, str(model_dir))  # a wrong --model fails here, before any volume
     except BaseException:
         if created_out:
