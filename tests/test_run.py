@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -60,12 +61,24 @@ def test_run_otsu_crops_reports_and_never_touches_inputs(batch, tmp_path):
     cfg = json.loads((out / "run_config.json").read_text())
     assert cfg["config"]["margin"] == 3 and cfg["config"]["method"] == "otsu" and cfg["inputs"] == vols
     assert "reduction" in res.stdout
-    # a second run into the same folder is refused, and changes nothing
+    assert all(row["status"] == "done" and row["verified"] and not row["original_deleted"] for row in man["volumes"])
+    crops = {row["output"]: (Path(row["output"]).stat().st_mtime_ns, digest(row["output"])) for row in man["volumes"]}
+    # the same job again resumes: every volume is already done, no crop is rewritten
+    res = run("run", *vols, "--out", out, "--method", "otsu", "--margin", 3)
+    assert res.exit_code == 0, res.output
+    assert "4 volume(s) already done" in res.stderr
+    assert {o: (Path(o).stat().st_mtime_ns, digest(o)) for o in crops} == crops
+    assert json.loads((out / "manifest.json").read_text())["volumes"] == man["volumes"]
+    # other options are refused (resuming would mix two configurations), and change nothing
     stamp = (out / "manifest.json").stat().st_mtime_ns
     res = run("run", *vols, "--out", out, "--method", "otsu")
-    one_error_line(res, "already exists", "--overwrite")
+    one_error_line(res, "another configuration", "margin 3 -> 8", "--overwrite")
+    res = run("run", *vols, "--out", out, "--method", "otsu", "--margin", 3, "--no-resume")
+    one_error_line(res, "already holds", "--overwrite")
     assert (out / "manifest.json").stat().st_mtime_ns == stamp
+    assert [digest(v) for v in vols] == before
     assert run("run", *vols, "--out", out, "--method", "otsu", "--overwrite").exit_code == 0
+    assert json.loads((out / "manifest.json").read_text())["config"]["margin"] == 8
 
 
 def test_run_in_another_format(batch, tmp_path):
@@ -79,14 +92,33 @@ def test_run_in_another_format(batch, tmp_path):
         np.testing.assert_array_equal(v.read(), np.load(vols[0])[z0:z1, y0:y1, x0:x1])
 
 
-@pytest.mark.parametrize("kind", ["missing", "nan", "constant", "2d"])
-def test_run_bad_volume_leaves_nothing(batch, tmp_path, kind):
+@pytest.mark.parametrize("kind", ["missing", "2d"])
+def test_run_bad_input_leaves_nothing(batch, tmp_path, kind):
+    # found before any work: the job stops with nothing written
     _, _, vols = batch
     p = bad_volume(tmp_path, kind)
     out = tmp_path / "out"
     res = run("run", vols[0], p, "--out", out, "--method", "otsu")
     one_error_line(res, p.name)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["nan", "constant"])
+def test_run_bad_values_fail_that_volume_only(batch, tmp_path, kind):
+    # found at run time: the volume is recorded as failed, the others are done
+    _, _, vols = batch
+    p = bad_volume(tmp_path, kind)
+    out = tmp_path / "out"
+    res = run("run", vols[0], p, vols[1], "--out", out, "--method", "otsu")
+    assert res.exit_code == 2, res.output
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("tomoloc: error:")]
+    assert len(errors) == 1 and p.name in errors[0] and ("NaN" if kind == "nan" else "constant") in errors[0]
+    man = json.loads((out / "manifest.json").read_text())
+    assert [r["status"] for r in man["volumes"]] == ["done", "failed", "done"]
+    assert man["failed"] == 1 and man["volumes"][1]["attempts"] == 1  # bad values are not retried
+    assert not (out / p.name).exists() and not list(out.glob(".*tmp*"))
+    assert [r.name for r in read_boxes(out / "boxes.json")] == ["vol_000.npy", "vol_001.npy"]
+    assert "1 failed" in res.stdout
 
 
 def test_run_bad_arguments(batch, tmp_path):

@@ -70,13 +70,47 @@ def test_config_round_trip_and_validation():
 
 
 def test_hardware_mapping():
-    assert _hardware("auto") == {"accelerator": "cpu", "devices": 1, "strategy": "auto"}
+    assert _hardware("auto") == {"accelerator": "cpu", "devices": 1, "num_nodes": 1, "strategy": "auto"}
     assert _hardware("cpu")["accelerator"] == "cpu"
-    assert _hardware("gpu", check_cuda=False) == {"accelerator": "gpu", "devices": 1, "strategy": "auto"}
-    assert _hardware(4, check_cuda=False) == {"accelerator": "gpu", "devices": 4, "strategy": "ddp"}
+    assert _hardware("gpu", check_cuda=False) == {"accelerator": "gpu", "devices": 1, "num_nodes": 1,
+                                                  "strategy": "auto"}
+    assert _hardware(4, check_cuda=False) == {"accelerator": "gpu", "devices": 4, "num_nodes": 1, "strategy": "ddp"}
+    # one GPU on each of two nodes is DDP too
+    assert _hardware("gpu", check_cuda=False, num_nodes=2)["strategy"] == "ddp"
+    with pytest.raises(ValueError, match="nodes needs GPUs"):
+        _hardware("cpu", num_nodes=2)
     if torch.cuda.device_count() < 64:
         with pytest.raises(ValueError, match="GPU"):
             _hardware(64)
+
+
+def test_precision_auto_is_bf16_on_gpu_only():
+    assert TrainConfig().resolved_precision() == "32-true"
+    assert TrainConfig(devices=2, num_nodes=3).resolved_precision() == "bf16-mixed"
+    assert TrainConfig(devices="gpu", precision="16-mixed").resolved_precision() == "16-mixed"
+    for bad in [dict(num_nodes=0), dict(precision="fp8"), dict(devices="cpu", num_nodes=2)]:
+        with pytest.raises(ValueError):
+            TrainConfig(**bad)
+
+
+def test_ddp_ranks_draw_disjoint_seeded_samples():
+    # What Lightning does with our sampler under DDP (its own wrapper, as injected by the
+    # trainer): every rank gets a fixed, disjoint share of the epoch's keys, and the items
+    # are functions of (seed, epoch, index), so together the ranks see one epoch's samples.
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+    from tomoloc.training import _EpochKeySampler
+
+    epoch = [3]
+    sampler = _EpochKeySampler(12, lambda: epoch[0])
+    shares = []
+    for rank in range(3):
+        w = DistributedSamplerWrapper(sampler, num_replicas=3, rank=rank, shuffle=False)
+        shares.append(list(w))
+        assert list(DistributedSamplerWrapper(sampler, num_replicas=3, rank=rank, shuffle=False)) == shares[-1]
+    assert sorted(k for share in shares for k in share) == [(3, i) for i in range(12)]
+    assert all(len(share) == 4 for share in shares)
+    epoch[0] = 4  # the next epoch: new keys, so new samples
+    assert {e for e, _ in DistributedSamplerWrapper(sampler, num_replicas=3, rank=0, shuffle=False)} == {4}
 
 
 def test_split_by_volume():

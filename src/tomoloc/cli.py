@@ -47,6 +47,9 @@ out = Console()
 err = Console(stderr=True)
 
 USER_ERRORS = (io.VolumeError, BoxFileError, FileExistsError, FileNotFoundError, BadValuesError)
+SCHEDULER_HELP = ("Map volumes over Dask: 'local' (a LocalCluster of --workers processes) or a scheduler "
+                  "address such as tcp://host:8786 (workers must see the same paths).")
+MAX_MEMORY_HELP = "Peak memory for one volume's data per process, e.g. 1G or 768M (volumes of any size)."
 
 
 class UsageProblem(ValueError):
@@ -233,6 +236,8 @@ def localize(
     top_fraction: float = typer.Option(0.1, help="Sorting: share of superpixels with the highest variance kept."),
     seed: int = typer.Option(0, help="Sorting: seed of the dropout masks."),
     truth: Optional[Path] = typer.Option(None, help="ground_truth.json: draw the true boxes in the figures."),
+    scheduler: Optional[str] = typer.Option(None, help=SCHEDULER_HELP),
+    workers: Optional[int] = typer.Option(None, min=1, help="Worker processes of --scheduler local (default: CPUs)."),
 ) -> None:
     """Box the sample in each volume and write a tomoloc-boxes/1 file.
 
@@ -241,17 +246,24 @@ def localize(
 
     Example: tomoloc localize data/vol_*.npy --method otsu --out boxes.json
     """
+    _check_scheduler(scheduler, workers)
     localizer, cfg = make_localizer(method.value, value, calibrate, max_voxels, model, stride, mc_samples,
                                     top_fraction, seed)
-    from tomoloc.localize import localize_files
+    from tomoloc.localize import localize_file, localize_files
 
     ssl = method.value in ("rotation", "sorting")
     details = out_path.parent / f"{out_path.stem}_details" if ssl else None
     truth_by_name = index_by_name(read_boxes(truth), truth) if truth else {}
     with _progress() as prog:
         task = prog.add_task(f"localize ({method.value})", total=len(volumes))
-        records = localize_files(volumes, localizer, lambda _p: prog.advance(task),
-                                 keep_details=details is not None)
+        if scheduler:
+            for v in volumes:  # bad paths fail here, before a cluster starts
+                io.open_volume(v).close()
+            records = _map_volumes(localize_file, volumes, localizer, details is not None, scheduler=scheduler,
+                                   workers=workers, advance=lambda: prog.advance(task))
+        else:
+            records = localize_files(volumes, localizer, lambda _p: prog.advance(task),
+                                     keep_details=details is not None)
     if details is not None:
         from tomoloc.report import write_details
 
@@ -287,8 +299,11 @@ def train(
     margin: float = typer.Option(TRAIN_DEFAULTS.margin, help="Sorting: ranking margin between ordered slices."),
     sampling: Sampling = typer.Option(Sampling.uniform, help="Sorting: slice indices uniform or generalized-Gaussian."),
     holder: str = typer.Option("none", help="none, or zmedian: subtract the per-pixel median over axis 0."),
-    devices: str = typer.Option("auto", help="auto/cpu, gpu, or a number of GPUs (DDP when > 1)."),
-    precision: str = typer.Option("32-true", help="32-true; on GPU also bf16-mixed or 16-mixed."),
+    devices: str = typer.Option("auto", help="auto/cpu, gpu, or a number of GPUs per node (DDP when > 1)."),
+    num_nodes: int = typer.Option(1, min=1, help="Nodes with --devices GPUs each (Lightning DDP; one process "
+                                  "per node, e.g. under srun)."),
+    precision: str = typer.Option("auto", help="auto (bf16-mixed on GPU, 32-true on CPU), 32-true, bf16-mixed, "
+                                  "16-mixed."),
     workers: int = typer.Option(0, min=0, help="Data-loading worker processes."),
     seed: int = typer.Option(0, help="Random seed (weights, split, samples)."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
@@ -308,7 +323,7 @@ def train(
     dev: str | int = int(devices) if devices.isdigit() else devices
     try:
         cfg = TrainConfig(task=task.value, backbone=backbone, input_size=input_size, batch_size=batch_size,
-                          epochs=epochs, steps_per_epoch=steps, lr=lr, seed=seed, devices=dev,
+                          epochs=epochs, steps_per_epoch=steps, lr=lr, seed=seed, devices=dev, num_nodes=num_nodes,
                           precision=precision, num_workers=workers, axes=ax, k=k, step=angle_step,
                           holder=holder, margin=margin, sampling=sampling.value)
     except ValueError as exc:
@@ -377,13 +392,22 @@ def crop(
     margin: int = typer.Option(0, min=0, help="Voxels added on both sides of every axis, clipped to the volume."),
     fmt: Optional[Format] = typer.Option(None, "--format", help="Output format (default: the input's)."),
     overwrite: bool = typer.Option(False, help="Replace existing outputs in --out."),
+    max_memory: str = typer.Option("1G", help=MAX_MEMORY_HELP),
+    scheduler: Optional[str] = typer.Option(None, help=SCHEDULER_HELP),
+    workers: Optional[int] = typer.Option(None, min=1, help="Worker processes of --scheduler local (default: CPUs)."),
 ) -> None:
-    """Crop each volume to its box (plus margin) and report the storage saved.
+    """Crop each volume to its box (plus margin), verify each crop, and report the storage saved.
 
     Example: tomoloc crop data/vol_*.npy --boxes boxes.json --out cropped/ --margin 4
     """
-    from tomoloc.crop import crop_volume, output_path
+    from tomoloc.crop import crop_item, output_path
+    from tomoloc.memory import crop_slab_bytes
 
+    _check_scheduler(scheduler, workers)
+    try:
+        slab_bytes = crop_slab_bytes(_max_memory(max_memory))
+    except ValueError as exc:
+        raise UsageProblem(str(exc)) from None
     by_name = index_by_name(read_boxes(boxes), boxes)
     plan = []
     # Check everything before writing anything: a bad volume must not leave half a batch.
@@ -398,23 +422,21 @@ def crop(
         if target.exists() and not overwrite:
             raise FileExistsError(f"{target}: already exists (use --overwrite to replace it)")
         plan.append((v, rec))
-    rows, results = [], []
+    t0 = time.perf_counter()
     with _progress() as prog:
         task = prog.add_task("crop", total=len(plan))
-        for v, rec in plan:
-            t0 = time.perf_counter()
-            res = crop_volume(v, rec.bbox, out_dir, margin=margin, fmt=fmt.value if fmt else None,
-                              overwrite=overwrite)
-            results.append(res)
-            rows.append({"volume": v, "output": str(res.output), "bbox": [list(b) for b in res.bbox],
-                         "bytes_before": res.bytes_before, "bytes_after": res.bytes_after,
-                         "seconds": round(time.perf_counter() - t0, 3)})
-            prog.advance(task)
+        results = _map_volumes(crop_item, [(v, rec.bbox) for v, rec in plan], out_dir, scheduler=scheduler,
+                               workers=workers, advance=lambda: prog.advance(task), margin=margin,
+                               fmt=fmt.value if fmt else None, overwrite=overwrite, slab_bytes=slab_bytes)
+    rows = [{"volume": v, "output": str(res.output), "bbox": [list(b) for b in res.bbox],
+             "bytes_before": res.bytes_before, "bytes_after": res.bytes_after, "checksum": res.checksum,
+             "verified": res.verified} for (v, _), res in zip(plan, results)]
     before = sum(r.bytes_before for r in results)
     after = sum(r.bytes_after for r in results)
     manifest = {"config": {"command": "crop", "boxes": str(boxes), "margin": margin,
                            "format": fmt.value if fmt else None, "tomoloc": __version__},
-                "volumes": rows, "bytes_before": before, "bytes_after": after}
+                "volumes": rows, "bytes_before": before, "bytes_after": after,
+                "seconds": round(time.perf_counter() - t0, 3)}
     write_text_atomic(out_dir / "crop_manifest.json", json.dumps(manifest, indent=1) + "\n")
     for r in rows:
         out.print(f"{r['volume']} -> {r['output']}: {r['bytes_before']:,} -> {r['bytes_after']:,} bytes")
@@ -435,34 +457,153 @@ def run_cmd(
     fmt: Optional[Format] = typer.Option(None, "--format", help="Output format (default: each input's)."),
     device: str = typer.Option("auto", help="auto (GPU when available) or cpu."),
     seed: int = typer.Option(0, help="Random seed (training, dropout masks)."),
-    overwrite: bool = typer.Option(False, help="Replace the outputs of an earlier run in --out."),
+    overwrite: bool = typer.Option(False, help="Start afresh: replace the outputs of an earlier run in --out."),
+    resume: bool = typer.Option(True, help="Resume the run already in --out (same options): skip volumes done."),
+    scheduler: Optional[str] = typer.Option(None, help=SCHEDULER_HELP),
+    workers: Optional[int] = typer.Option(None, min=1, help="Worker processes of --scheduler local (default: CPUs)."),
+    max_memory: str = typer.Option("1G", help=MAX_MEMORY_HELP),
+    delete_originals: bool = typer.Option(False, help="Delete each input once its crop is verified and recorded."),
 ) -> None:
-    """The batch job: (train,) localize, crop, and write boxes, a manifest and a report.
+    """The batch job: (train,) localize, crop, verify, and write boxes, a manifest and a report.
+
+    A volume that fails is reported (one line each, exit status 2) and the others go on; a
+    rerun into the same --out resumes, skipping volumes already done.
 
     Example: tomoloc run scans/*.h5 --out cropped/ --margin 8
     """
-    from tomoloc.pipeline import RunConfig, run_batch
+    from tomoloc.pipeline import RunConfig, VolumeFailures, run_batch
 
     if model is not None and not (model / "config.json").is_file():
         raise UsageProblem(f"--model {model}: not a tomoloc training run (no config.json)")
     try:
         cfg = RunConfig(method=method.value, margin=margin, model=str(model) if model else None, epochs=epochs,
-                        steps=steps, seed=seed, format=fmt.value if fmt else None, device=device)
+                        steps=steps, seed=seed, format=fmt.value if fmt else None, device=device,
+                        max_memory=_max_memory(max_memory), delete_originals=delete_originals)
     except ValueError as exc:
         raise UsageProblem(str(exc)) from None
+    _check_scheduler(scheduler, workers)
+    failures: list[str] = []
     with _progress() as prog:
         task = prog.add_task(f"run ({method.value})", total=len(volumes))
         try:
-            manifest = run_batch(volumes, out_dir, cfg, overwrite=overwrite,
-                                 log=lambda m: err.print(m, markup=False, highlight=False),
+            manifest = run_batch(volumes, out_dir, cfg, overwrite=overwrite, resume=resume, scheduler=scheduler,
+                                 workers=workers, log=lambda m: err.print(m, markup=False, highlight=False, soft_wrap=True),
                                  on_volume=lambda _p: prog.advance(task))
+        except VolumeFailures as exc:
+            manifest, failures = exc.manifest, exc.lines
         except ValueError as exc:
             raise UsageProblem(str(exc)) from None
+    _print_run(manifest, out_dir)
+    _exit_on_failures(failures)
+
+
+
+def _max_memory(text: str) -> int:
+    from tomoloc.memory import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise UsageProblem(f"--max-memory {exc}") from None
+
+
+def _check_scheduler(scheduler: str | None, workers: int | None) -> None:
+    if workers is not None and scheduler != "local":
+        raise UsageProblem("--workers sizes --scheduler local; give --scheduler local, or leave --workers out")
+
+
+def _print_run(manifest: dict[str, Any], out_dir: Path) -> None:
     for r in manifest["volumes"]:
+        if r["status"] != "done":
+            continue
+        # markup=False: "[check: ...]" is text, not a rich style tag.
         out.print(f"{r['volume']} -> {r['output']}: box {r['bbox']}, {r['bytes_before']:,} -> "
-                  f"{r['bytes_after']:,} bytes" + ("  [check: " + "; ".join(r["flags"]) + "]" if r["flags"] else ""))
+                  f"{r['bytes_after']:,} bytes" + ("  [check: " + "; ".join(r["flags"]) + "]" if r["flags"] else ""),
+                  markup=False, highlight=False)
     out.print(f"total {manifest['bytes_before']:,} -> {manifest['bytes_after']:,} bytes: reduction "
-              f"{manifest['reduction']:.2f}x in {manifest['seconds']:.0f} s; report: {out_dir / 'report.html'}")
+              f"{manifest['reduction']:.2f}x in {manifest['seconds']:.0f} s; {manifest['done']} done, "
+              f"{manifest['failed']} failed; report: {out_dir / 'report.html'}")
+
+
+def _exit_on_failures(lines: list[str]) -> None:
+    """One ``tomoloc: error:`` line per failed volume, then exit status 2."""
+    for line in lines:
+        err.print(f"tomoloc: error: {line}", markup=False, highlight=False, soft_wrap=True)
+    if lines:
+        raise typer.Exit(2)
+
+
+def _map_volumes(fn: Callable[..., Any], items: list[Any], *args: Any, scheduler: str | None,
+                 workers: int | None, advance: Callable[[], None], **kwargs: Any) -> list[Any]:
+    """``[fn(item, *args, **kwargs) for item in items]``, over Dask when ``scheduler``; the first
+    error is raised."""
+    from contextlib import nullcontext
+
+    from tomoloc.cluster import dask_client, map_unordered
+
+    results: list[Any] = [None] * len(items)
+    with dask_client(scheduler, workers) if scheduler else nullcontext() as client:
+        for i, res in map_unordered(fn, items, *args, client=client, **kwargs):
+            if isinstance(res, BaseException):
+                raise res
+            results[i] = res
+            advance()
+    return results
+
+
+# ----------------------------------------------------------------------------- watch
+@app.command()
+@_user_errors
+def watch(
+    directory: Path = typer.Argument(..., help="Folder the acquisition writes volumes into."),
+    out_dir: Path = typer.Option(..., "--out", help="Job folder (crops, manifest.json: the watcher's state)."),
+    model: Optional[Path] = typer.Option(None, help="Trained run (its task is the method); none: otsu."),
+    method: Optional[RunMethod] = typer.Option(None, help="Localization method (default: the model's task)."),
+    margin: int = typer.Option(8, min=0, help="Voxels kept on both sides of every axis around the box."),
+    fmt: Optional[Format] = typer.Option(None, "--format", help="Output format (default: each input's)."),
+    device: str = typer.Option("auto", help="auto (GPU when available) or cpu."),
+    seed: int = typer.Option(0, help="Random seed (dropout masks)."),
+    interval: float = typer.Option(5.0, min=0.0, help="Seconds between two scans of the folder."),
+    stable_seconds: float = typer.Option(30.0, min=0.0, help="A volume is complete once unchanged this long."),
+    done_marker: Optional[str] = typer.Option(None, help="Suffix of the writer's done-marker (e.g. .done): "
+                                              "take a volume only once <name><suffix> exists."),
+    max_volumes: Optional[int] = typer.Option(None, min=1, help="Stop after this many volumes."),
+    timeout: Optional[float] = typer.Option(None, min=0.0, help="Stop after this many seconds."),
+    max_memory: str = typer.Option("1G", help=MAX_MEMORY_HELP),
+    delete_originals: bool = typer.Option(False, help="Delete each input once its crop is verified and recorded."),
+) -> None:
+    """Crop each new volume in DIRECTORY once it is complete; a restart resumes from --out.
+
+    One log line per volume; Ctrl-C (or --max-volumes/--timeout) stops and writes the report.
+
+    Example: tomoloc watch /beamline/scans --model runs/sort --out /beamline/cropped
+    """
+    from tomoloc.pipeline import RunConfig
+    from tomoloc.watch import Watcher
+
+    if model is not None and not (model / "config.json").is_file():
+        raise UsageProblem(f"--model {model}: not a tomoloc training run (no config.json)")
+    if method is not None:
+        name = method.value
+    elif model is not None:
+        name = json.loads((model / "config.json").read_text(encoding="utf-8"))["config"]["task"]
+    else:
+        name = "otsu"
+    if name != "otsu" and model is None:
+        raise UsageProblem(f"--method {name} needs --model RUN_DIR (train it first: tomoloc train --task {name})")
+    try:
+        cfg = RunConfig(method=name, margin=margin, model=str(model) if model else None, seed=seed,
+                        format=fmt.value if fmt else None, device=device, max_memory=_max_memory(max_memory),
+                        delete_originals=delete_originals)
+    except ValueError as exc:
+        raise UsageProblem(str(exc)) from None
+    w = Watcher(directory, out_dir, cfg, stable_seconds=stable_seconds, done_marker=done_marker,
+                log=lambda m: err.print(m, markup=False, highlight=False, soft_wrap=True))
+    err.print(f"watching {directory} ({name}; complete = "
+              + (f"'<name>{done_marker}' exists" if done_marker else f"unchanged for {stable_seconds:g} s")
+              + f"); crops into {out_dir}", markup=False, highlight=False, soft_wrap=True)
+    n = w.run(interval=interval, max_volumes=max_volumes, timeout=timeout)
+    out.print(f"took {n} volume(s); manifest: {out_dir / 'manifest.json'}")
 
 
 # ------------------------------------------------------------------------------ demo

@@ -223,6 +223,47 @@ class _ArrayBackend:
             self._closer()
 
 
+class _MapBackend(_ArrayBackend):
+    """A memory-mapped file (``.npy``, contiguous TIFF), mapped afresh for every read.
+
+    Pages a mapping has touched count toward the process's resident memory for as long as
+    it stays mapped, so one long-lived map of a 30 GB volume read through once reports 30 GB
+    of RSS (and schedulers kill on that). Unmapping after each read keeps the resident set
+    to the slab being read; the data stay in the page cache either way.
+    """
+
+    def __init__(self, open_map: Callable[[], np.ndarray], lead: int = 0,
+                 first: np.ndarray | None = None):
+        first = open_map() if first is None else first
+        super().__init__(first, lead)
+        del first, self.array
+        self._open_map = open_map
+
+    def read(self, box: tuple[slice, slice, slice]) -> np.ndarray:
+        # A read touches every page its axis-0 range spans (a sagittal slice touches the whole
+        # file), so long ranges are read in pieces of at most SLAB_BYTES of whole slices, each
+        # through a map of its own.
+        zs = range(*box[0].indices(self.shape[0]))
+        per_slice = max(1, int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize)
+        depth = max(1, SLAB_BYTES // (per_slice * max(1, zs.step)))
+        if len(zs) <= depth:
+            return self._read_piece(box)
+        rows = len(range(*box[1].indices(self.shape[1])))
+        cols = len(range(*box[2].indices(self.shape[2])))
+        out = np.empty((len(zs), rows, cols), self.dtype)
+        for k in range(0, len(zs), depth):
+            piece = zs[k : k + depth]
+            out[k : k + len(piece)] = self._read_piece((slice(piece.start, piece.stop, piece.step), *box[1:]))
+        return out
+
+    def _read_piece(self, box: tuple[slice, ...]) -> np.ndarray:
+        array = self._open_map()
+        try:
+            return np.array(array[self.lead + box])
+        finally:
+            del array
+
+
 class _PageBackend:
     """One 2D array per axis-0 index, read on demand (a directory of TIFF slices)."""
 
@@ -435,7 +476,7 @@ def _open_npy(p: Path, inner: str | None) -> tuple[_ArrayBackend, None]:
     if array.ndim != 3:  # no leading-axis squeezing: a .npy has no axis metadata to justify it
         raise _Invalid(f"not a 3D volume (shape {array.shape})")
     _as_3d(array.shape)
-    return _ArrayBackend(array), None
+    return _MapBackend(lambda: np.load(p, mmap_mode="r", allow_pickle=False), first=array), None
 
 
 @contextlib.contextmanager
@@ -507,9 +548,11 @@ def _open_tiff(p: Path, inner: str | None) -> tuple[_ArrayBackend, None]:
         if series.dataoffset is not None:
             # Uncompressed and contiguous: a memmap reads exactly the bytes any index needs.
             dtype = np.dtype(series.dtype).newbyteorder(tif.byteorder)
-            array = np.memmap(p, dtype=dtype, mode="r", offset=series.dataoffset, shape=shape)
+            offset = int(series.dataoffset)
             tif.close()
-            return _ArrayBackend(array, lead), None
+            return _MapBackend(
+                lambda: np.memmap(p, dtype=dtype, mode="r", offset=offset, shape=shape), lead
+            ), None
         import zarr
 
         # Compressed or scattered pages: tifffile's Zarr view decodes one page (chunk) at a time.
@@ -734,27 +777,35 @@ class _Target(NamedTuple):
     dtype: np.dtype
     chunks: tuple[int, int, int]
     inner: str | None
+    slab_bytes: int | None = None  # None: SLAB_BYTES
+    on_slab: Callable[[int, int, np.ndarray], None] | None = None
 
     def slabs(self, data: Any, align: int = 1) -> Iterator[tuple[int, int, np.ndarray]]:
-        """``(z0, z1, data[z0:z1])`` of at most :data:`SLAB_BYTES`, cast to :attr:`dtype`."""
-        depth = _slab_depth(self.shape, self.dtype.itemsize, align)
+        """``(z0, z1, data[z0:z1])`` of at most :attr:`slab_bytes`, cast to :attr:`dtype`.
+
+        Slabs come in axis-0 order, each handed to :attr:`on_slab` before it is written.
+        """
+        depth = _slab_depth(self.shape, self.dtype.itemsize, align, self.slab_bytes)
         for z0 in range(0, self.shape[0], depth):
             z1 = min(z0 + depth, self.shape[0])
             slab = np.asarray(data[z0:z1], dtype=self.dtype)
             want = (z1 - z0, *self.shape[1:])
             if slab.shape != want:
                 raise ValueError(f"data[{z0}:{z1}] has shape {slab.shape}, expected {want}")
+            if self.on_slab is not None:
+                self.on_slab(z0, z1, slab)
             yield z0, z1, slab
 
 
 def _write_npy(tmp: Path, data: Any, target: _Target) -> None:
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=target.dtype, shape=target.shape)
-    try:
-        for z0, z1, slab in target.slabs(data):
-            out[z0:z1] = slab
-        out.flush()
-    finally:
-        del out
+    # Plain writes rather than a writable memmap: dirty mapped pages count as the writer's
+    # resident memory until unmapped, so a memmap would hold the whole output "in memory".
+    header = {"descr": np.lib.format.dtype_to_descr(target.dtype), "fortran_order": False,
+              "shape": target.shape}
+    with open(tmp, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        for _, _, slab in target.slabs(data):
+            f.write(np.ascontiguousarray(slab).data)
 
 
 def _write_tiff(tmp: Path, data: Any, target: _Target) -> None:
@@ -825,6 +876,8 @@ def save_volume(
     *,
     chunks: Sequence[int] | None = None,
     overwrite: bool = False,
+    slab_bytes: int | None = None,
+    on_slab: Callable[[int, int, np.ndarray], None] | None = None,
 ) -> Path:
     """Write a 3D volume atomically, streaming slabs along axis 0.
 
@@ -835,7 +888,7 @@ def save_volume(
         ``/exchange/data``, Data Exchange layout). The whole file or directory is replaced.
     data : array-like, shape (Z, Y, X)
         A ``np.ndarray``, a :class:`Volume`, or anything with ``shape``, ``dtype`` and
-        ``data[z0:z1]`` returning an array; only slabs of at most :data:`SLAB_BYTES` are held
+        ``data[z0:z1]`` returning an array; only slabs of at most ``slab_bytes`` are held
         in memory at once.
     format : str, optional
         One of :data:`FORMATS`; default from the suffix of ``path`` (no suffix: ``"tiff-dir"``).
@@ -844,6 +897,12 @@ def save_volume(
         Output is never compressed.
     overwrite : bool
         Replace an existing ``path``; otherwise refuse.
+    slab_bytes : int, optional
+        Upper bound on the bytes of one slab read from ``data`` (default :data:`SLAB_BYTES`) (at least one axis-0 slice;
+        HDF5 and Zarr round up to whole chunks along axis 0).
+    on_slab : callable, optional
+        ``on_slab(z0, z1, slab)`` sees every slab, in axis-0 order, before it is written
+        (checksums of what was written, progress).
 
     Returns
     -------
@@ -889,7 +948,7 @@ def save_volume(
         if len(chunks) != 3 or min(chunks) < 1:
             raise ValueError(f"chunks must be 3 positive integers, got {chunks}")
         chunks = tuple(min(c, n) for c, n in zip(chunks, shape, strict=True))
-    target = _Target(shape, dtype, chunks, inner)  # type: ignore[arg-type]
+    target = _Target(shape, dtype, chunks, inner, slab_bytes, on_slab)  # type: ignore[arg-type]
 
     if (dest.exists() or dest.is_symlink()) and not overwrite:
         raise FileExistsError(f"{dest}: already exists; pass overwrite=True to replace it")

@@ -6,19 +6,38 @@ anything. ``DIR`` ends up holding::
 
     <stem>.<ext>          one crop per input volume (same format as the input)
     boxes.json            tomoloc-boxes/1: the localized boxes (before the margin)
-    manifest.json         per volume: input, output, box, crop box, bytes before/after, seconds, flags
-    report.html           one self-contained page: summary, flagged volumes first, figures
+    manifest.json         per volume: status, input, output, box, crop box, bytes, checksum, seconds, flags
+    report.html           one self-contained page: summary, failed and flagged volumes first, figures
     run_config.json       everything the job depended on
     model/                the pretext-task run, when the job trained one
-    details/              per-volume figures and profiles / variance maps
+    details/              per-volume figures (orthogonal views; profiles / variance maps)
 
-A job either completes or leaves nothing behind: every file it wrote is removed if any
-volume fails (inputs are never touched).
+Failures and resuming
+---------------------
+Problems found before any work (a missing, unreadable or non-3D input, bad arguments, an
+output in the way) stop the job with nothing written. After that, every volume is on its
+own: a volume that fails (NaN or constant values, an I/O error, a crop that does not verify)
+is recorded in the manifest with a one-line error, and the others go on; no partial crop is
+left for it (every write is atomic). Errors that can change on a second try (anything but
+NaN/constant values) are retried once. The job then raises :class:`VolumeFailures`.
+
+The manifest is rewritten after every volume, so a killed job loses at most the volumes in
+flight. Running the job again into the same ``DIR`` resumes it: volumes the manifest marks
+done whose crop is still there with its recorded size and shape are skipped, failed and
+missing ones are redone, and new inputs are added (so one ``DIR`` can collect a beamline's
+volumes over time). Resuming requires the same result-defining options
+(:data:`RESULT_KEYS`); a ``DIR`` holding another configuration is refused, and
+``overwrite=True`` starts afresh.
+
+A crop is marked done only once it has been read back and matched the source region
+(shape and checksum, :func:`tomoloc.crop.verify_crop`). With ``delete_originals`` an input is
+deleted only after that, and after the manifest saying so is on disk.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -26,13 +45,20 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from tomoloc import __version__, io
-from tomoloc._fsutil import write_text_atomic
-from tomoloc.boxes import Bbox, BoxRecord, write_boxes
+from tomoloc._fsutil import atomic_path, write_text_atomic
+from tomoloc.boxes import Bbox, BoxRecord, normalize_bbox, write_boxes
+from tomoloc.memory import DEFAULT_MAX_MEMORY, crop_slab_bytes
+from tomoloc.preprocess import BadValuesError
 
-__all__ = ["METHODS", "RunConfig", "border_touch", "run_batch"]
+__all__ = ["METHODS", "RESULT_KEYS", "RunConfig", "VolumeFailures", "VolumeJob", "attempt_volume",
+           "border_touch", "process_volume", "run_batch", "write_report"]
 
 METHODS = ("sorting", "rotation", "otsu")
 _OUTPUT_FILES = ("boxes.json", "manifest.json", "report.html", "run_config.json")
+#: The :class:`RunConfig` fields that decide a job's results: a resumed job must match them.
+RESULT_KEYS = ("method", "margin", "model", "epochs", "steps", "seed", "format", "low_confidence")
+_RUN_FORMAT = "tomoloc-run/1"
+_MANIFEST_FORMAT = "tomoloc-manifest/1"
 
 
 @dataclass
@@ -59,6 +85,11 @@ class RunConfig:
         Volumes whose localizer confidence is below this are flagged in the report.
     device : str
         ``"auto"`` (GPU when available) or ``"cpu"`` for training and localization.
+    max_memory : int
+        Peak-memory budget in bytes for one volume's data (per worker process); see
+        :mod:`tomoloc.memory`. Does not change results.
+    delete_originals : bool
+        Delete each input once its crop has been verified and recorded.
     """
 
     method: str = "otsu"
@@ -70,6 +101,8 @@ class RunConfig:
     format: str | None = None
     low_confidence: float = 0.2
     device: str = "auto"
+    max_memory: int = DEFAULT_MAX_MEMORY
+    delete_originals: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -80,6 +113,33 @@ class RunConfig:
             raise ValueError("--model belongs to the self-supervised methods (sorting, rotation)")
         if self.format is not None and self.format not in io.FORMATS:
             raise ValueError(f"unknown format {self.format!r}")
+        crop_slab_bytes(self.max_memory)  # validates the budget
+
+
+@dataclass(frozen=True)
+class VolumeJob:
+    """One volume of a job: its input path (as given), its crop's path, and its shape."""
+
+    volume: str
+    output: str
+    shape: tuple[int, int, int]
+
+
+class VolumeFailures(Exception):
+    """Some volumes of a job failed; the others were done and everything was written.
+
+    Attributes
+    ----------
+    lines : list of str
+        One line per failed volume, ``"<volume>: <problem>"``.
+    manifest : dict
+        The job's manifest.
+    """
+
+    def __init__(self, lines: list[str], manifest: dict[str, Any]):
+        super().__init__(lines[0] if lines else "volumes failed")
+        self.lines = lines
+        self.manifest = manifest
 
 
 def border_touch(bbox: Bbox, shape: Sequence[int]) -> list[str]:
@@ -93,67 +153,237 @@ def border_touch(bbox: Bbox, shape: Sequence[int]) -> list[str]:
     return out
 
 
-class _Created:
-    """Paths this job created, removed again if it fails."""
-
-    def __init__(self) -> None:
-        self.paths: list[Path] = []
-
-    def add(self, p: Path) -> Path:
-        if not p.exists():
-            self.paths.append(p)
-        return p
-
-    def remove(self) -> None:
-        for p in reversed(self.paths):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            elif p.exists() or p.is_symlink():
-                p.unlink(missing_ok=True)
+def _key(volume: str) -> str:
+    return os.path.abspath(volume)
 
 
-def _plan(inputs: Sequence[str], out: Path, cfg: RunConfig, overwrite: bool) -> list[tuple[str, Path, tuple]]:
-    """Open every input and decide every output before any work (bad input fails first)."""
+# ------------------------------------------------------------------------ one volume
+_LOCALIZERS: dict[tuple[Any, ...], Any] = {}
+
+
+def _localizer(cfg: RunConfig, model_dir: str | None) -> Any:
+    """The job's localizer, built once per process (worker processes load the model once)."""
+    key = (cfg.method, model_dir, cfg.seed, cfg.device)
+    if key in _LOCALIZERS:
+        return _LOCALIZERS[key]
+    if cfg.method == "otsu":
+        from tomoloc.localize import OtsuLocalizer
+
+        loc: Any = OtsuLocalizer()
+    elif cfg.method == "sorting":
+        from tomoloc.localize.sorting import SortingLocalizer
+
+        loc = SortingLocalizer(Path(model_dir), seed=cfg.seed, device=cfg.device)  # type: ignore[arg-type]
+    else:
+        from tomoloc.localize.rotation import RotationLocalizer
+
+        loc = RotationLocalizer(Path(model_dir), device=cfg.device)  # type: ignore[arg-type]
+    if cfg.method != "otsu" and loc.config.task != cfg.method:
+        raise ValueError(f"--model {model_dir}: trained for the {loc.config.task} task, not {cfg.method}")
+    _LOCALIZERS[key] = loc
+    return loc
+
+
+def _views_png(volume: Any, bbox: Bbox, crop_bbox: Bbox, cfg: RunConfig) -> bytes:
+    from tomoloc.report import BoxStyle, figure_png, orthoviews
+
+    return figure_png(orthoviews(volume, [BoxStyle(bbox, f"{cfg.method} box"),
+                                          BoxStyle(crop_bbox, f"crop (margin {cfg.margin})", "#0a84ff", "--")]))
+
+
+def process_volume(job: VolumeJob, cfg: RunConfig, model_dir: str | None, out_dir: str) -> dict[str, Any]:
+    """Localize, crop and verify one volume; write its figures; return its manifest row.
+
+    Runs in a worker process under ``--scheduler``: everything it needs comes in its
+    arguments. The row has ``status`` ``"done"`` and ``verified`` true; any failure raises.
+    """
+    from tomoloc.boxes import expand_bbox
+    from tomoloc.crop import crop_volume
+
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    loc = _localizer(cfg, model_dir)
+    with io.open_volume(job.volume) as vol:
+        shape = tuple(int(s) for s in vol.shape)
+        res = loc.localize(vol)
+        bbox = normalize_bbox(res.bbox, shape)
+        extra: dict[str, Any] = {"confidence": res.confidence}
+        extra.update({k: v for k, v in res.details.items() if isinstance(v, (int, float, str, bool, type(None)))})
+        record = BoxRecord(job.volume, shape, bbox, res.method, extra)  # type: ignore[arg-type]
+        crop_box = expand_bbox(bbox, cfg.margin, shape)
+        details = out / "details"
+        views = details / f"{Path(record.name).stem}_views.png"
+        png = _views_png(vol, bbox, crop_box, cfg)
+    with atomic_path(views) as tmp:
+        tmp.write_bytes(png)
+    figure = None
+    if cfg.method != "otsu":
+        from tomoloc.report import write_details
+
+        record.extra["details"] = res.details
+        fig = write_details(details, record)
+        figure = str(fig) if fig is not None else None
+        record.extra.pop("details")
+    crop = crop_volume(job.volume, bbox, out, margin=cfg.margin, fmt=cfg.format, overwrite=True,
+                       slab_bytes=crop_slab_bytes(cfg.max_memory), verify=True)
+    flags = []
+    touch = border_touch(bbox, shape)
+    if touch:
+        flags.append("the box touches the volume border (" + ", ".join(touch)
+                     + "): the sample may continue outside the volume, or the box fell back to it")
+    conf = float(res.confidence)
+    if conf < cfg.low_confidence:
+        flags.append(f"low localizer confidence {conf:.2f} (< {cfg.low_confidence}): check the box")
+    return {"volume": job.volume, "status": "done", "output": str(crop.output), "shape": list(shape),
+            "bbox": [list(b) for b in bbox], "crop_bbox": [list(b) for b in crop.bbox],
+            "bytes_before": crop.bytes_before, "bytes_after": crop.bytes_after,
+            "reduction": round(crop.reduction, 3), "confidence": round(conf, 4),
+            "checksum": crop.checksum, "verified": crop.verified, "original_deleted": False,
+            "seconds": round(time.perf_counter() - t0, 3), "flags": flags,
+            "views": str(views), "figure": figure, "record": record.to_json()}
+
+
+def _error_line(volume: str, exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if not isinstance(exc, (io.VolumeError, BadValuesError, OSError, ValueError)):
+        text = f"{type(exc).__name__}: {text}"
+    return text if text.startswith(volume) else f"{volume}: {text}"
+
+
+def attempt_volume(job: VolumeJob, cfg: RunConfig, model_dir: str | None, out_dir: str) -> dict[str, Any]:
+    """:func:`process_volume`, tried a second time after an error that may not recur.
+
+    Never raises: a volume that fails gets a row with ``status`` ``"failed"`` and a one-line
+    ``error``. NaN or constant values fail at once (a second read finds the same values).
+    """
+    t0 = time.perf_counter()
+    for attempt in (1, 2):
+        try:
+            row = process_volume(job, cfg, model_dir, out_dir)
+            row["attempts"] = attempt
+            return row
+        except BadValuesError as exc:
+            return _failed(job, _error_line(job.volume, exc), attempt, t0)
+        except Exception as exc:  # noqa: BLE001 - every volume stands alone
+            if attempt == 2:
+                return _failed(job, _error_line(job.volume, exc), attempt, t0)
+    raise AssertionError("unreachable")
+
+
+def _failed(job: VolumeJob, error: str, attempts: int, t0: float) -> dict[str, Any]:
+    return {"volume": job.volume, "status": "failed", "output": job.output, "shape": list(job.shape),
+            "error": error, "attempts": attempts, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+# ----------------------------------------------------------------------- whole job
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FileExistsError(f"{path}: not a readable tomoloc file ({exc}); use --overwrite to replace it") from None
+    if not isinstance(doc, dict):
+        raise FileExistsError(f"{path}: not a tomoloc file; use --overwrite to replace it")
+    return doc
+
+
+def _earlier_run(out: Path, cfg: RunConfig, overwrite: bool, resume: bool) -> dict[str, Any] | None:
+    """The run config of the job to resume in ``out``, or ``None`` to start afresh."""
+    rc = out / "run_config.json"
+    if overwrite or not rc.exists():
+        return None
+    doc = _read_json(rc)
+    if doc.get("format") != _RUN_FORMAT:
+        raise FileExistsError(f"{rc}: not a tomoloc run config; use --overwrite to replace it")
+    if not resume:
+        raise FileExistsError(f"{out}: already holds a tomoloc run (resume it, or use --overwrite to replace it)")
+    old, new = doc.get("config", {}), asdict(cfg)
+    diff = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in RESULT_KEYS if old.get(k) != new[k]]
+    if diff:
+        raise ValueError(f"{out}: holds a run with another configuration ({', '.join(diff)}); "
+                         "use --overwrite to start afresh, or another --out")
+    return doc
+
+
+def _still_done(row: dict[str, Any]) -> bool:
+    """A done row whose crop is still there with its recorded size and shape."""
+    if row.get("status") != "done":
+        return False
+    try:
+        if io.volume_nbytes_on_disk(row["output"]) != row["bytes_after"]:
+            return False
+        with io.open_volume(row["output"]) as vol:
+            return [int(s) for s in vol.shape] == [hi - lo for lo, hi in row["crop_bbox"]]
+    except (io.VolumeError, OSError, KeyError, TypeError):
+        return False
+
+
+def _plan(inputs: Sequence[str], out: Path, cfg: RunConfig, overwrite: bool, resuming: bool,
+          done: dict[str, dict[str, Any]]) -> list[VolumeJob]:
+    """Open every input still to do and decide every output before any work (bad input fails first)."""
     from tomoloc.crop import output_path
 
     plan, seen = [], {}
     for v in inputs:
-        with io.open_volume(v) as vol:
-            shape = tuple(int(s) for s in vol.shape)
-            target = output_path(v, out, cfg.format or vol.format)
-        src = Path(io.split_dataset_path(str(v))[0]).resolve()
-        if target.resolve() == src:
-            raise FileExistsError(f"{target}: the crop would overwrite its own input; choose another --out")
+        row = done.get(_key(v))
+        if row is not None:
+            target = Path(row["output"])
+            shape = tuple(row["shape"])
+        else:
+            with io.open_volume(v) as vol:
+                shape = tuple(int(s) for s in vol.shape)
+                target = output_path(v, out, cfg.format or vol.format)
+            src = Path(io.split_dataset_path(str(v))[0]).resolve()
+            if target.resolve() == src:
+                raise FileExistsError(f"{target}: the crop would overwrite its own input; choose another --out")
+            # In a resumed job's folder a crop not yet in the manifest is this job's own (killed
+            # between writing it and recording it); anywhere else it is someone's file.
+            if target.exists() and not overwrite and not resuming:
+                raise FileExistsError(f"{target}: already exists (use --overwrite to replace it)")
         if target.name in seen:
             raise ValueError(f"{v}: its crop {target.name} would collide with the crop of {seen[target.name]}")
         seen[target.name] = v
-        if target.exists() and not overwrite:
-            raise FileExistsError(f"{target}: already exists (use --overwrite to replace it)")
-        plan.append((str(v), target, shape))
-    for name in (*_OUTPUT_FILES, "details"):
-        if (out / name).exists() and not overwrite:
-            raise FileExistsError(f"{out / name}: already exists (use --overwrite to replace it)")
-    if cfg.model is None and cfg.method != "otsu" and (out / "model").exists() and not overwrite:
-        raise FileExistsError(f"{out / 'model'}: already exists (use --overwrite, or --model {out / 'model'} to reuse it)")
+        plan.append(VolumeJob(str(v), str(target), shape))  # type: ignore[arg-type]
+    if not resuming:
+        for name in (*_OUTPUT_FILES, "details"):
+            if (out / name).exists() and not overwrite:
+                raise FileExistsError(f"{out / name}: already exists (use --overwrite to replace it)")
+        if cfg.model is None and cfg.method != "otsu" and (out / "model").exists() and not overwrite:
+            raise FileExistsError(f"{out / 'model'}: already exists (use --overwrite, or --model {out / 'model'} "
+                                  "to reuse it)")
     return plan
 
 
-def _localizer(cfg: RunConfig, model_dir: Path | None) -> Any:
-    if cfg.method == "otsu":
-        from tomoloc.localize import OtsuLocalizer
+def _train(plan: list[VolumeJob], out: Path, cfg: RunConfig, log: Callable[[str], None]) -> Path:
+    from tomoloc.training import TrainConfig, quiet_lightning, train
 
-        return OtsuLocalizer()
-    if cfg.method == "sorting":
-        from tomoloc.localize.sorting import SortingLocalizer
+    quiet_lightning()
+    model_dir = out / "model"
+    kw: dict[str, Any] = {"task": cfg.method, "seed": cfg.seed}
+    if cfg.epochs:
+        kw["epochs"] = cfg.epochs
+    if cfg.steps:
+        kw["steps_per_epoch"] = cfg.steps
+    import torch
 
-        loc = SortingLocalizer(model_dir, seed=cfg.seed, device=cfg.device)  # type: ignore[arg-type]
-    else:
-        from tomoloc.localize.rotation import RotationLocalizer
+    if cfg.device in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        kw["devices"] = "gpu"
+    tcfg = TrainConfig(**kw)
+    log(f"training the {cfg.method} model on {len(plan)} volume(s) ({tcfg.epochs} x "
+        f"{tcfg.steps_per_epoch} steps) into {model_dir}")
+    # A model folder without a finished run (a killed job) is this job's: train it afresh.
+    train([j.volume for j in plan], model_dir, tcfg, progress=False, overwrite=True)
+    return model_dir
 
-        loc = RotationLocalizer(model_dir, device=cfg.device)  # type: ignore[arg-type]
-    if loc.config.task != cfg.method:
-        raise ValueError(f"--model {model_dir}: trained for the {loc.config.task} task, not {cfg.method}")
-    return loc
+
+def _summary(rows: list[dict[str, Any]], cfg: RunConfig, train_s: float, seconds: float,
+             complete: bool) -> dict[str, Any]:
+    done = [r for r in rows if r["status"] == "done"]
+    before = sum(r["bytes_before"] for r in done)
+    after = sum(r["bytes_after"] for r in done)
+    return {"format": _MANIFEST_FORMAT, "complete": complete, "volumes": rows, "done": len(done),
+            "failed": sum(r["status"] == "failed" for r in rows), "bytes_before": before,
+            "bytes_after": after, "reduction": round(before / max(after, 1), 3),
+            "train_seconds": round(train_s, 1), "seconds": round(seconds, 1), "config": asdict(cfg)}
 
 
 def run_batch(
@@ -162,10 +392,14 @@ def run_batch(
     config: RunConfig | None = None,
     *,
     overwrite: bool = False,
+    resume: bool = True,
+    scheduler: str | None = None,
+    workers: int | None = None,
     log: Callable[[str], None] = print,
     on_volume: Callable[[str], None] | None = None,
+    report: bool = True,
 ) -> dict[str, Any]:
-    """Train (if needed), localize, crop and report a batch of volumes; see the module docstring.
+    """Train (if needed), localize, crop, verify and report a batch; see the module docstring.
 
     Parameters
     ----------
@@ -175,147 +409,185 @@ def run_batch(
         Output folder (created).
     config : RunConfig
     overwrite : bool
-        Replace outputs of an earlier job in ``out_dir``.
+        Start afresh: replace the outputs of an earlier job in ``out_dir``.
+    resume : bool
+        Resume the job already in ``out_dir`` (same :data:`RESULT_KEYS`); if false, such a
+        folder is refused unless ``overwrite``.
+    scheduler : str, optional
+        ``None``: volumes one after the other in this process; ``"local"``: a Dask
+        LocalCluster of ``workers`` processes; otherwise a Dask scheduler address.
+        Training (self-supervised methods without a model) always runs here first.
+    workers : int, optional
+        Processes of the local cluster (default: the CPU count).
     log : callable
-        Receives one line per step.
+        Receives one line per step and one per volume.
     on_volume : callable, optional
-        Called with each volume's path after it is cropped (progress bars).
+        Called with each volume's path once it is finished, done or failed (progress bars).
+    report : bool
+        Write ``report.html`` (``tomoloc watch`` writes it when it stops).
 
     Returns
     -------
     dict
-        The manifest: ``volumes`` (one row per input), ``bytes_before``, ``bytes_after``,
-        ``reduction``, ``seconds``.
+        The manifest: ``volumes`` (one row per volume ever done or failed in ``out_dir``),
+        ``done``, ``failed``, ``bytes_before``, ``bytes_after``, ``reduction``, ``seconds``.
 
     Raises
     ------
     tomoloc.io.VolumeError, FileExistsError, ValueError
-        Bad input or outputs in the way; nothing is left written.
+        Bad input, an output in the way, or a folder holding another configuration:
+        found before any work, nothing is written.
+    VolumeFailures
+        Some volumes failed; everything else was done and written.
     """
     cfg = config or RunConfig()
     out = Path(out_dir)
     if not inputs:
         raise ValueError("no input volumes")
-    plan = _plan(inputs, out, cfg, overwrite)
-    created = _Created()
-    if not out.exists():
-        created.add(out)
+    earlier = _earlier_run(out, cfg, overwrite, resume)
+    resuming = earlier is not None
+    previous: list[dict[str, Any]] = []
+    if resuming and (out / "manifest.json").is_file():
+        previous = [r for r in _read_json(out / "manifest.json").get("volumes", []) if isinstance(r, dict)]
+    wanted = {_key(v) for v in inputs}  # rows of other volumes are kept as they are, unchecked
+    done = {_key(r["volume"]): r for r in previous if _key(r["volume"]) in wanted and _still_done(r)}
+    plan = _plan(inputs, out, cfg, overwrite, resuming, done)
+    todo = [j for j in plan if _key(j.volume) not in done]
+
     t_start = time.perf_counter()
+    created_out = not out.exists()
+    model_dir = Path(cfg.model) if cfg.model else None
+    trained = bool(earlier and earlier.get("model_trained"))
+    doc = {"format": _RUN_FORMAT, "tomoloc": __version__, "config": asdict(cfg),
+           "inputs": [j.volume for j in plan], "model": str(model_dir) if model_dir else None,
+           "model_trained": trained}
+    train_s = 0.0
     try:
         out.mkdir(parents=True, exist_ok=True)
-        model_dir = Path(cfg.model) if cfg.model else None
-        train_s = 0.0
-        if cfg.method != "otsu" and model_dir is None:
-            from tomoloc.training import TrainConfig, quiet_lightning, train
-
-            quiet_lightning()
-            model_dir = created.add(out / "model")
-            kw: dict[str, Any] = {"task": cfg.method, "seed": cfg.seed}
-            if cfg.epochs:
-                kw["epochs"] = cfg.epochs
-            if cfg.steps:
-                kw["steps_per_epoch"] = cfg.steps
-            import torch
-
-            if cfg.device in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-                kw["devices"] = "gpu"
-            tcfg = TrainConfig(**kw)
-            t0 = time.perf_counter()
-            log(f"training the {cfg.method} model on {len(plan)} volume(s) ({tcfg.epochs} x "
-                f"{tcfg.steps_per_epoch} steps) into {model_dir}")
-            train([p for p, _, _ in plan], model_dir, tcfg, progress=False, overwrite=overwrite)
-            train_s = time.perf_counter() - t0
-            log(f"trained in {train_s:.0f} s")
-        loc = _localizer(cfg, model_dir)
-
-        # Localize everything before cropping anything: a bad volume found here leaves no crops.
-        from tomoloc.localize import localize_files
-
-        records: list[BoxRecord] = []
-        loc_s: dict[str, float] = {}
-        for path, _, _ in plan:
-            t0 = time.perf_counter()
-            records += localize_files([path], loc, keep_details=cfg.method != "otsu")
-            loc_s[path] = time.perf_counter() - t0
-        from tomoloc.report import write_details
-
-        figures: dict[str, Path | None] = {}
-        if cfg.method != "otsu":
-            created.add(out / "details")
-        for r in records:
-            figures[r.volume] = write_details(out / "details", r) if cfg.method != "otsu" else None
-            r.extra.pop("details", None)
-
-        from tomoloc.crop import crop_volume
-
-        rows = []
-        for (path, target, shape), rec in zip(plan, records):
-            t0 = time.perf_counter()
-            created.add(target)
-            res = crop_volume(path, rec.bbox, out, margin=cfg.margin, fmt=cfg.format, overwrite=overwrite)
-            flags = []
-            touch = border_touch(rec.bbox, shape)
-            if touch:
-                flags.append("the box touches the volume border (" + ", ".join(touch)
-                             + "): the sample may continue outside the volume, or the box fell back to it")
-            conf = float(rec.extra.get("confidence", 1.0))
-            if conf < cfg.low_confidence:
-                flags.append(f"low localizer confidence {conf:.2f} (< {cfg.low_confidence}): check the box")
-            rows.append({"volume": path, "output": str(res.output), "shape": list(shape),
-                         "bbox": [list(b) for b in rec.bbox], "crop_bbox": [list(b) for b in res.bbox],
-                         "bytes_before": res.bytes_before, "bytes_after": res.bytes_after,
-                         "reduction": round(res.reduction, 3), "confidence": round(conf, 4),
-                         "seconds": round(loc_s[path] + time.perf_counter() - t0, 3), "flags": flags})
-            if on_volume is not None:
-                on_volume(path)
-
-        before = sum(r["bytes_before"] for r in rows)
-        after = sum(r["bytes_after"] for r in rows)
-        doc = {"format": "tomoloc-run/1", "tomoloc": __version__, "config": asdict(cfg),
-               "inputs": [p for p, _, _ in plan], "model": str(model_dir) if model_dir else None}
-        created.add(out / "run_config.json")
         write_text_atomic(out / "run_config.json", json.dumps(doc, indent=1) + "\n")
-        created.add(out / "boxes.json")
-        write_boxes(out / "boxes.json", records,
-                    config={**asdict(cfg), "tomoloc": __version__, "command": "run",
-                            "model": str(model_dir) if model_dir else None})
-        manifest = {"format": "tomoloc-manifest/1", "volumes": rows, "bytes_before": before, "bytes_after": after,
-                    "reduction": round(before / max(after, 1), 3), "train_seconds": round(train_s, 1),
-                    "seconds": round(time.perf_counter() - t_start, 1), "config": asdict(cfg)}
-        created.add(out / "manifest.json")
-        write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
-        created.add(out / "report.html")
-        _report(out / "report.html", rows, figures, manifest, cfg)
-        return manifest
+        if cfg.method != "otsu" and model_dir is None:
+            model_dir = out / "model"
+            if trained and (model_dir / "checkpoints" / "best.ckpt").is_file():
+                log(f"reusing the model this job trained in {model_dir}")
+            elif todo:
+                t0 = time.perf_counter()
+                _train(todo, out, cfg, log)
+                train_s = time.perf_counter() - t0
+                log(f"trained in {train_s:.0f} s")
+                doc.update(model=str(model_dir), model_trained=True)
+                write_text_atomic(out / "run_config.json", json.dumps(doc, indent=1) + "\n")
+        if model_dir is not None and todo:
+            _localizer(cfg, str(model_dir))  # a wrong --model fails here, before any volume
     except BaseException:
-        created.remove()
+        if created_out:
+            shutil.rmtree(out, ignore_errors=True)
+        elif not resuming:
+            (out / "run_config.json").unlink(missing_ok=True)
+            if model_dir == out / "model" and cfg.model is None:
+                shutil.rmtree(out / "model", ignore_errors=True)
         raise
 
+    # Earlier rows first (in their order), this job's volumes after, in input order.
+    rows: dict[str, dict[str, Any]] = {_key(r["volume"]): r for r in previous}
+    for j in plan:
+        rows.setdefault(_key(j.volume), {"volume": j.volume, "status": "pending", "output": j.output,
+                                         "shape": list(j.shape)})
+    skipped = len(plan) - len(todo)
+    if skipped:
+        log(f"resuming: {skipped} volume(s) already done in {out}, {len(todo)} to do")
 
-def _report(path: Path, rows: list[dict[str, Any]], figures: dict[str, Path | None],
-            manifest: dict[str, Any], cfg: RunConfig) -> None:
-    from tomoloc.report import BoxStyle, ReportEntry, figure_png, orthoviews, write_report
+    def save(complete: bool) -> dict[str, Any]:
+        manifest = _summary(list(rows.values()), cfg, train_s, time.perf_counter() - t_start, complete)
+        write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+        return manifest
 
+    save(False)
+    from contextlib import nullcontext
+
+    from tomoloc.cluster import dask_client, map_unordered
+
+    mdir = str(model_dir) if model_dir else None
+    with dask_client(scheduler, workers) if scheduler else nullcontext() as client:
+        if client is not None:
+            log(f"{len(todo)} volume(s) over Dask ({scheduler}, {len(client.scheduler_info()['workers'])} workers)")
+        for i, row in map_unordered(attempt_volume, todo, cfg, mdir, str(out), client=client):
+            job = todo[i]
+            if isinstance(row, BaseException):  # the worker itself was lost
+                row = _failed(job, _error_line(job.volume, row), 1, time.perf_counter())
+            rows[_key(job.volume)] = row
+            save(False)
+            if row["status"] == "done":
+                log(f"{job.volume}: done in {row['seconds']:.1f} s, box {row['bbox']}, "
+                    f"{row['bytes_before']:,} -> {row['bytes_after']:,} bytes (verified)")
+                if cfg.delete_originals:
+                    _delete_original(row, log)
+                    save(False)
+            else:
+                log(f"{row['error']} (failed after {row['attempts']} attempt(s))")
+            if on_volume is not None:
+                on_volume(job.volume)
+
+    all_rows = list(rows.values())
+    records = [_record(r) for r in all_rows if r["status"] == "done"]
+    write_boxes(out / "boxes.json", records,
+                config={**asdict(cfg), "tomoloc": __version__, "command": "run", "model": mdir})
+    manifest = save(True)
+    if report:
+        write_report(out, manifest)
+    failed = [r["error"] for r in all_rows if r["status"] == "failed"]
+    if failed:
+        raise VolumeFailures(failed, manifest)
+    return manifest
+
+
+def _delete_original(row: dict[str, Any], log: Callable[[str], None]) -> None:
+    from tomoloc.crop import delete_original
+
+    try:
+        row["original_deleted"] = delete_original(row["volume"], row["output"], bool(row.get("verified")))
+    except OSError as exc:
+        log(f"{row['volume']}: kept ({exc})")
+        return
+    log(f"{row['volume']}: " + ("deleted (crop verified)" if row["original_deleted"]
+                                 else "kept: a dataset inside a container is never deleted"))
+
+
+def _record(row: dict[str, Any]) -> BoxRecord:
+    r = dict(row["record"])
+    return BoxRecord(r.pop("volume"), tuple(r.pop("shape")), normalize_bbox(r.pop("bbox")),  # type: ignore[arg-type]
+                     r.pop("method"), r)
+
+
+def write_report(out_dir: str | Path, manifest: dict[str, Any]) -> Path:
+    """Write ``report.html`` in ``out_dir`` from a job's manifest and the figures in ``details/``."""
+    from tomoloc.report import ReportEntry, write_report as write_html
+
+    cfg = RunConfig(**manifest["config"])
+    rows = manifest["volumes"]
     entries = []
     for r in rows:
-        with io.open_volume(r["volume"]) as vol:
-            img = figure_png(orthoviews(vol, [BoxStyle(tuple(map(tuple, r["bbox"])), f"{cfg.method} box"),
-                                              BoxStyle(tuple(map(tuple, r["crop_bbox"])),
-                                                       f"crop (margin {cfg.margin})", "#0a84ff", "--")]))
-        images = [img]
-        fig = figures.get(r["volume"])
-        if fig is not None and fig.is_file():
-            images.append(fig.read_bytes())
+        name = Path(io.split_dataset_path(r["volume"])[0]).name
+        if r["status"] != "done":
+            entries.append(ReportEntry(name, [], {"output": Path(r["output"]).name, "status": r["status"]},
+                                       [r.get("error", "not done yet")]))
+            continue
+        images = [Path(p).read_bytes() for p in (r.get("views"), r.get("figure")) if p and Path(p).is_file()]
         entries.append(ReportEntry(
-            Path(r["volume"]).name, images,
+            name, images,
             {"box": str(r["bbox"]), "crop box": str(r["crop_bbox"]), "confidence": r["confidence"],
              "bytes before": r["bytes_before"], "bytes after": r["bytes_after"], "reduction (x)": r["reduction"],
-             "output": Path(r["output"]).name},
+             "checksum": r["checksum"], "output": Path(r["output"]).name,
+             "original": "deleted" if r.get("original_deleted") else "kept"},
             r["flags"]))
-    summary = [{"volumes": len(rows), "method": cfg.method, "margin": cfg.margin,
+    summary = [{"volumes": len(rows), "done": manifest["done"], "failed": manifest["failed"],
+                "method": cfg.method, "margin": cfg.margin,
                 "bytes before": manifest["bytes_before"], "bytes after": manifest["bytes_after"],
                 "reduction (x)": manifest["reduction"], "seconds": manifest["seconds"]}]
-    write_report(path, "tomoloc run", entries, summary=summary,
-                 intro=(f"Red: the box found by {cfg.method}; blue dashed: what was kept (box + {cfg.margin} "
-                        "voxels per side, clipped to the volume). Check flagged volumes before deleting any "
-                        "original."))
+    path = Path(out_dir) / "report.html"
+    write_html(path, "tomoloc run", entries, summary=summary,
+               intro=(f"Red: the box found by {cfg.method}; blue dashed: what was kept (box + {cfg.margin} "
+                      "voxels per side, clipped to the volume). Every crop was read back and matched its "
+                      "source region (shape and checksum). Check failed and flagged volumes before deleting "
+                      "any original."))
+    return path
+

@@ -41,18 +41,22 @@ class WorkingCopy:
         return (out[0], out[1], out[2])
 
 
-def working_copy(volume: Any, max_voxels: int = 256**3) -> WorkingCopy:
-    """Read ``volume`` (Z, Y, X) slab by slab into a float32 block-mean downsampled copy.
+def working_copy(volume: Any, max_voxels: int = 256**3, max_bytes: int | None = None) -> WorkingCopy:
+    """Read ``volume`` (Z, Y, X) block by block into a float32 block-mean downsampled copy.
 
     The downsampling factor is the smallest integer ``f`` (same on every axis, so voxels
-    stay isotropic) with ``prod(ceil(shape / f)) <= max_voxels``; only one slab of ``f``
-    axial slices is in memory beside the result.
+    stay isotropic) with ``prod(ceil(shape / f)) <= max_voxels``. The volume is read in
+    blocks of ``f`` axial slices by a whole number of ``f``-row bands, each at most
+    ``max_bytes`` as float32 (default :data:`tomoloc.io.SLAB_BYTES`; at least one band of
+    ``f`` rows, counted at float32 or wider), so memory is the result plus one block whatever the volume's size.
 
     Raises
     ------
     BadValuesError
         If the volume holds NaN/inf or is constant.
     """
+    from tomoloc.io import SLAB_BYTES
+
     shape = tuple(int(s) for s in volume.shape)
     if len(shape) != 3:
         raise BadValuesError(f"expected a 3D volume, got shape {shape}")
@@ -61,11 +65,23 @@ def working_copy(volume: Any, max_voxels: int = 256**3) -> WorkingCopy:
         f += 1
     out_shape = tuple(math.ceil(s / f) for s in shape)
     out = np.empty(out_shape, dtype=np.float32)
+    row_bytes = f * f * shape[2] * max(4, np.dtype(volume.dtype).itemsize)  # f slices x f rows x X
+    bands = max(1, (SLAB_BYTES if max_bytes is None else int(max_bytes)) // row_bytes)
     for i in range(out_shape[0]):
-        slab = np.asarray(volume[i * f : (i + 1) * f], dtype=np.float32)
-        if not np.isfinite(slab).all():
-            raise BadValuesError(f"volume holds NaN or infinite values (first in slices {i * f}-{i * f + len(slab) - 1})")
-        out[i] = _block_mean_2d(slab.mean(axis=0), f)
+        z0 = i * f
+        for j0 in range(0, out_shape[1], bands):
+            j1 = min(j0 + bands, out_shape[1])
+            block = np.asarray(volume[z0 : z0 + f, j0 * f : j1 * f])
+            # Averaged in float32 straight from the stored type (no float copy of the block);
+            # NaN/inf anywhere make the mean non-finite, and only then is the block searched.
+            with np.errstate(over="ignore", invalid="ignore"):  # checked on the next line
+                mean = block.mean(axis=0, dtype=np.float32)
+            if not np.isfinite(mean).all():
+                if not np.isfinite(block).all():
+                    raise BadValuesError(f"volume holds NaN or infinite values "
+                                         f"(first in slices {z0}-{z0 + len(block) - 1})")
+                mean = block.mean(axis=0, dtype=np.float64).astype(np.float32)  # float32 overflow
+            out[i, j0:j1] = _block_mean_2d(mean, f)
     if float(out.max()) == float(out.min()):
         raise BadValuesError(f"volume is constant (every voxel is {float(out.min()):g})")
     return WorkingCopy(out, (f, f, f), shape)  # type: ignore[arg-type]
@@ -75,12 +91,20 @@ def _block_mean_2d(img: np.ndarray, f: int) -> np.ndarray:
     if f == 1:
         return img
     h, w = img.shape
-    ph, pw = -h % f, -w % f
-    # NaN padding + nanmean averages partial edge blocks over the voxels they really have.
-    padded = np.pad(img, ((0, ph), (0, pw)), constant_values=np.nan)
-    blocks = padded.reshape(padded.shape[0] // f, f, padded.shape[1] // f, f)
-    with np.errstate(invalid="ignore"):
-        return np.nanmean(blocks, axis=(1, 3)).astype(np.float32)
+    # float64: exact enough sums, no float32 overflow. Zero padding to whole blocks, then f
+    # strided additions per axis (much faster than a reduction over a reshaped axis); the
+    # partial edge blocks are divided by the voxels they really have.
+    padded = np.zeros((-(-h // f) * f, -(-w // f) * f))
+    padded[:h, :w] = img
+    cols = padded[:, 0::f].copy()
+    for k in range(1, f):
+        cols += padded[:, k::f]
+    sums = cols[0::f].copy()
+    for k in range(1, f):
+        sums += cols[k::f]
+    rows = np.minimum(f, h - np.arange(0, h, f))
+    ncols = np.minimum(f, w - np.arange(0, w, f))
+    return (sums / np.outer(rows, ncols)).astype(np.float32)
 
 
 def fill_value(data: np.ndarray, min_fraction: float = 0.01) -> float | None:

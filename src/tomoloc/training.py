@@ -97,10 +97,20 @@ class TrainConfig:
     devices : str or int
         ``"auto"`` or ``"cpu"``: one CPU process; ``"gpu"``: one GPU; an int ``n``: ``n``
         GPUs (DDP when ``n > 1``).
+    num_nodes : int
+        Machines to train on, each with ``devices`` GPUs (Lightning DDP; launch one process
+        per node, e.g. with ``srun``). Every rank loads the volumes and precomputes the
+        same samples; training items are functions of ``(seed, epoch, index)`` and Lightning
+        hands each rank a disjoint, fixed share of the indices, so the samples seen per epoch
+        are the same for any number of ranks. What DDP does not keep is the order of
+        floating-point sums across ranks (and batch-norm statistics are per rank), so weights
+        agree with a one-GPU run in distribution, not bit for bit.
     precision : str
-        Lightning precision: ``"32-true"``; ``"bf16-mixed"`` or ``"16-mixed"`` on GPU.
+        Lightning precision: ``"auto"`` (``"bf16-mixed"`` on GPU, ``"32-true"`` on CPU),
+        ``"32-true"``, ``"bf16-mixed"`` or ``"16-mixed"``.
     num_workers : int
         DataLoader worker processes (0: sampling in the training process, best on small CPUs).
+        With workers they stay alive across epochs, and batches go to pinned memory on GPU.
     axes : tuple of int, optional
         Slicing axes to sample along. Default ``(0, 1, 2)`` for both tasks. Rotation: trained
         on axis 0 alone the task did not start to learn on tube phantoms. Sorting (each batch
@@ -154,7 +164,8 @@ class TrainConfig:
     schedule: str = "cosine"
     seed: int = 0
     devices: str | int = "auto"
-    precision: str = "32-true"
+    num_nodes: int = 1
+    precision: str = "auto"
     num_workers: int = 0
     axes: tuple[int, ...] | None = None
     k: int = 2
@@ -200,7 +211,18 @@ class TrainConfig:
             raise ValueError("k and num_workers must be >= 0")
         if self.holder not in HOLDER_MODES:
             raise ValueError(f"holder must be one of {', '.join(HOLDER_MODES)}, got {self.holder!r}")
-        _hardware(self.devices, check_cuda=False)
+        if int(self.num_nodes) < 1:
+            raise ValueError(f"num_nodes must be >= 1, got {self.num_nodes!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        _hardware(self.devices, check_cuda=False, num_nodes=self.num_nodes)
+
+    def resolved_precision(self) -> str:
+        """The Lightning precision string: ``"auto"`` becomes bf16 mixed on GPU, 32-bit on CPU."""
+        if self.precision != "auto":
+            return self.precision
+        gpu = _hardware(self.devices, check_cuda=False, num_nodes=self.num_nodes)["accelerator"] == "gpu"
+        return "bf16-mixed" if gpu else "32-true"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types (``axes`` as a list)."""
@@ -218,12 +240,18 @@ class TrainConfig:
         return cls(**d)
 
 
-def _hardware(devices: str | int, check_cuda: bool = True) -> dict[str, Any]:
-    """Trainer keyword arguments ``accelerator``, ``devices`` and ``strategy`` for ``devices``."""
+#: Accepted ``TrainConfig.precision`` values.
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
+
+
+def _hardware(devices: str | int, check_cuda: bool = True, num_nodes: int = 1) -> dict[str, Any]:
+    """Trainer keyword arguments ``accelerator``, ``devices``, ``num_nodes`` and ``strategy``."""
     if isinstance(devices, bool):
         raise ValueError(f"devices must be 'auto', 'cpu', 'gpu' or a GPU count, got {devices!r}")
     if devices in ("auto", "cpu"):
-        return {"accelerator": "cpu", "devices": 1, "strategy": "auto"}
+        if num_nodes > 1:
+            raise ValueError("training on several nodes needs GPUs: give devices='gpu' or a GPU count")
+        return {"accelerator": "cpu", "devices": 1, "num_nodes": 1, "strategy": "auto"}
     if devices == "gpu":
         n = 1
     elif isinstance(devices, (int, np.integer)) and devices >= 1:
@@ -232,7 +260,8 @@ def _hardware(devices: str | int, check_cuda: bool = True) -> dict[str, Any]:
         raise ValueError(f"devices must be 'auto', 'cpu', 'gpu' or a GPU count, got {devices!r}")
     if check_cuda and torch.cuda.device_count() < n:
         raise ValueError(f"devices={devices!r} asks for {n} GPU(s), but {torch.cuda.device_count()} are available")
-    return {"accelerator": "gpu", "devices": n, "strategy": "ddp" if n > 1 else "auto"}
+    return {"accelerator": "gpu", "devices": n, "num_nodes": int(num_nodes),
+            "strategy": "ddp" if n * num_nodes > 1 else "auto"}
 
 
 def split_volumes(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -578,7 +607,7 @@ def train(
             shutil.rmtree(ckpt_dir)
             shutil.rmtree(out / "logs", ignore_errors=True)
 
-    hw = _hardware(config.devices)
+    hw = _hardware(config.devices, num_nodes=config.num_nodes)
     L.seed_everything(config.seed, workers=True, verbose=False)
     dm = VolumeDataModule(volumes, config)
     module = _make_module(config)
@@ -608,7 +637,7 @@ def train(
             cbs.append(RichProgressBar())
         trainer = L.Trainer(
             max_epochs=config.epochs,
-            precision=config.precision,  # type: ignore[arg-type]
+            precision=config.resolved_precision(),  # type: ignore[arg-type]
             logger=logger,
             callbacks=cbs,
             enable_checkpointing=True,
@@ -651,9 +680,11 @@ def load_model(run_dir: str | os.PathLike, which: str = "best",
     path = Path(run_dir) / "checkpoints" / f"{which}.ckpt" if which in ("best", "last") else Path(which)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    # Memory-mapped: the optimizer state (twice the weights for AdamW) is never read in.
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     config = TrainConfig.from_dict(ckpt["hyper_parameters"]["config"])
     net = _net_for(config)
     state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     net.load_state_dict(state)
+    del ckpt, state
     return net.to(map_location).eval(), config

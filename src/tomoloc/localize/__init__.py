@@ -8,6 +8,7 @@ from tomoloc.localize.base import (
     BadValuesError,
     Localization,
     Localizer,
+    localize_file,
     localize_files,
     working_copy,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "OtsuLocalizer",
     "ThresholdLocalizer",
     "calibrate_threshold",
+    "localize_file",
     "localize_files",
     "working_copy",
 ]

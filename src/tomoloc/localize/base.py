@@ -100,6 +100,11 @@ def whole_volume(shape: Sequence[int]) -> Bbox:
     return ((0, int(shape[0])), (0, int(shape[1])), (0, int(shape[2])))
 
 
+def localize_file(path: str, localizer: Localizer, keep_details: bool = False) -> BoxRecord:
+    """:func:`localize_files` for one volume (the unit of work mapped over Dask workers)."""
+    return localize_files([path], localizer, keep_details=keep_details)[0]
+
+
 def localize_files(
     paths: Sequence[str], localizer: Localizer, on_done: Any = None, keep_details: bool = False
 ) -> list[BoxRecord]:

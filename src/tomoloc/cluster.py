@@ -1,0 +1,74 @@
+"""Mapping per-volume work over this process or a Dask distributed cluster.
+
+``--scheduler local`` starts a :class:`distributed.LocalCluster` of worker *processes* with
+one thread each (the work is NumPy and torch, which bring their own threads; several
+processes also give several budgets of ``--max-memory``). ``--scheduler HOST:PORT`` (or
+``tcp://HOST:PORT``) joins a running scheduler: its workers must see the volumes and the
+output folder under the same paths and have tomoloc installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any, Callable, Iterator, Sequence
+
+__all__ = ["dask_client", "default_workers", "map_unordered"]
+
+
+def default_workers() -> int:
+    """Worker processes of ``--scheduler local`` when ``--workers`` is not given: the CPU count."""
+    return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def dask_client(scheduler: str, workers: int | None = None) -> Iterator[Any]:
+    """A :class:`distributed.Client` for ``scheduler`` (``"local"`` or an address), closed on exit.
+
+    ``workers`` sizes a local cluster (default :func:`default_workers`); it must not be given
+    with an address, whose cluster has the workers it has.
+    """
+    from distributed import Client, LocalCluster
+
+    if scheduler == "local":
+        n = workers or default_workers()
+        # No dashboard: a second job on the same machine must not fight over port 8787.
+        with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                          silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+            yield client
+    else:
+        if workers is not None:
+            raise ValueError("--workers sizes a local cluster; a running scheduler has its own workers")
+        with Client(scheduler, timeout="30s") as client:
+            yield client
+
+
+def map_unordered(fn: Callable[..., Any], items: Sequence[Any], *args: Any, client: Any = None,
+                  **kwargs: Any) -> Iterator[tuple[int, Any]]:
+    """Yield ``(index, fn(items[index], *args, **kwargs))`` as each call finishes.
+
+    With ``client`` None the calls run here, in order; otherwise they are submitted to the
+    Dask ``client`` and come back in completion order. A call that raises (or whose worker
+    died, after Dask's own re-scheduling) yields its exception instead of a result, so one
+    bad volume never stops the others.
+    """
+    if client is None:
+        for i, item in enumerate(items):
+            try:
+                yield i, fn(item, *args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - reported per volume by the caller
+                yield i, exc
+        return
+    from distributed import as_completed
+
+    # pure=False: a rerun of the same volume is new work, never a cached result.
+    futures = {client.submit(fn, item, *args, pure=False, **kwargs): i for i, item in enumerate(items)}
+    for fut in as_completed(futures):
+        i = futures[fut]
+        try:
+            yield i, fut.result()
+        except Exception as exc:  # noqa: BLE001
+            yield i, exc
+        finally:
+            fut.release()
