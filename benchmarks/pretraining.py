@@ -37,8 +37,8 @@ ROWS = (("none", "none (random init)"), ("simclr", "SimCLR"), ("mocov3", "MoCo v
 CLASSES = (3, 4)  # fish eyes ("visual system") and organs; skeleton is too thin at this size (see README)
 
 SIZES = {
-    "cpu": dict(n=12, n_test=4, shape=(48, 64, 64), input_size=64, batch=32, pre_epochs=3, pre_steps=80,
-                ft_epochs=8, ft_steps=25, ft_batch=8, devices="cpu", precision="32-true"),
+    "cpu": dict(n=12, n_test=4, shape=(48, 64, 64), input_size=64, batch=32, pre_epochs=3, pre_steps=60,
+                ft_epochs=8, ft_steps=20, ft_batch=8, devices="cpu", precision="32-true"),
     "large": dict(n=48, n_test=8, shape=(96, 128, 128), input_size=128, batch=128, pre_epochs=20, pre_steps=100,
                   ft_epochs=20, ft_steps=50, ft_batch=16, devices="gpu", precision="bf16-mixed"),
 }

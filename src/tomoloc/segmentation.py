@@ -466,12 +466,8 @@ def load_segmenter(run_dir: str | os.PathLike) -> tuple[nn.Module, SegConfig]:
     return net.eval(), cfg
 
 
-def predict_labels(net: nn.Module, config: SegConfig, volume: Any) -> np.ndarray:
-    """Label volume (uint8 label ids, 0 elsewhere) of ``volume``'s full shape ``(Z, Y, X)``.
-
-    The class map on the working copy (:func:`predict_classes`) is repeated ``f`` times
-    along every axis (nearest) and cut to the original shape.
-    """
+def _predict_small(net: nn.Module, config: SegConfig, volume: Any) -> tuple[np.ndarray, int, tuple[int, int, int]]:
+    """Label ids (uint8) on the working-copy grid, the block factor and the original shape."""
     from tomoloc import io
     from tomoloc.preprocess import BadValuesError, network_input, working_copy
 
@@ -484,12 +480,23 @@ def predict_labels(net: nn.Module, config: SegConfig, volume: Any) -> np.ndarray
         if vol is not volume:
             vol.close()
     cls = predict_classes(net, network_input(wc.data), config.input_size)
-    ids = np.array([0, *config.classes], np.uint8)[cls]
-    f = wc.factor[0]
+    return np.array([0, *config.classes], np.uint8)[cls], wc.factor[0], wc.shape
+
+
+def _full_size(ids: np.ndarray, f: int, shape: tuple[int, int, int]) -> np.ndarray:
     if f > 1:
         ids = ids.repeat(f, 0).repeat(f, 1).repeat(f, 2)
-    z, y, x = wc.shape
+    z, y, x = shape
     return np.ascontiguousarray(ids[:z, :y, :x])
+
+
+def predict_labels(net: nn.Module, config: SegConfig, volume: Any) -> np.ndarray:
+    """Label volume (uint8 label ids, 0 elsewhere) of ``volume``'s full shape ``(Z, Y, X)``.
+
+    The class map on the working copy (:func:`predict_classes`) is repeated ``f`` times
+    along every axis (nearest) and cut to the original shape.
+    """
+    return _full_size(*_predict_small(net, config, volume))
 
 
 def segment_files(run_dir: str | os.PathLike, volumes: Sequence[str], out_dir: str | os.PathLike,
@@ -497,9 +504,10 @@ def segment_files(run_dir: str | os.PathLike, volumes: Sequence[str], out_dir: s
                   on_volume: Callable[[str], None] | None = None) -> list[Path]:
     """Write ``<stem>_labels<suffix>`` into ``out_dir`` for each volume; return the paths.
 
-    Every target is checked before anything is written (existing files are an error
-    unless ``overwrite``; an output never replaces its input); each file is written
-    atomically by :func:`tomoloc.io.save_volume`.
+    Every target is checked and every volume segmented (on its small working-copy grid)
+    before anything is written, so a bad volume leaves no partial output; existing files
+    are an error unless ``overwrite``, an output never replaces its input, and each file is
+    written atomically by :func:`tomoloc.io.save_volume`.
     """
     from tomoloc import io
     from tomoloc.crop import output_path
@@ -516,10 +524,10 @@ def segment_files(run_dir: str | os.PathLike, volumes: Sequence[str], out_dir: s
         if target.exists() and (not overwrite or (src.exists() and os.path.samefile(src, target))):
             raise FileExistsError(f"{target}: already exists" + ("" if not overwrite else " and is an input"))
         plan.append((v, target, form))
-    written = []
-    for v, target, form in plan:
-        labels = predict_labels(net, cfg, v)
-        written.append(io.save_volume(target, labels, format=form, overwrite=overwrite))
+    small = []
+    for v, _, _ in plan:
+        small.append(_predict_small(net, cfg, v))
         if on_volume is not None:
             on_volume(v)
-    return written
+    return [io.save_volume(target, _full_size(*pred), format=form, overwrite=overwrite)
+            for (_, target, form), pred in zip(plan, small)]
