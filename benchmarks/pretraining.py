@@ -37,8 +37,8 @@ ROWS = (("none", "none (random init)"), ("simclr", "SimCLR"), ("mocov3", "MoCo v
 CLASSES = (3, 4)  # fish eyes ("visual system") and organs; skeleton is too thin at this size (see README)
 
 SIZES = {
-    "cpu": dict(n=12, n_test=4, shape=(48, 64, 64), input_size=64, batch=32, pre_epochs=3, pre_steps=60,
-                ft_epochs=8, ft_steps=20, ft_batch=8, devices="cpu", precision="32-true"),
+    "cpu": dict(n=12, n_test=4, shape=(48, 64, 64), input_size=64, batch=32, pre_epochs=3, pre_steps=40,
+                ft_epochs=6, ft_steps=20, ft_batch=8, devices="cpu", precision="32-true"),
     "large": dict(n=48, n_test=8, shape=(96, 128, 128), input_size=128, batch=128, pre_epochs=20, pre_steps=100,
                   ft_epochs=20, ft_steps=50, ft_batch=16, devices="gpu", precision="bf16-mixed"),
 }
@@ -62,6 +62,7 @@ def child(args_json: str) -> None:
 
     a = json.loads(args_json)
     quiet_lightning()
+    torch.set_num_threads(a["threads"])
     # Everything training imports lazily is imported before the baseline RSS is read.
     import lightly.loss  # noqa: F401
     import lightly.models.modules.heads  # noqa: F401
@@ -112,6 +113,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3, help="Seeds (each: pre-training and fine-tuning).")
     ap.add_argument("--out", type=Path, default=Path("bench_pretraining"), help="Work folder.")
     ap.add_argument("--no-write", action="store_true", help="Do not update BENCHMARKS.md.")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads per process (1: on a CPU shared with other jobs, two threads per "
+                         "process oversubscribe the cores and every step slows down several-fold).")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     ap.add_argument("--_tiny", action="store_true", help=argparse.SUPPRESS)  # a few steps, to check the script
     args = ap.parse_args()
@@ -123,7 +127,10 @@ def main() -> None:
     from tomoloc.synth import LABELS, write_batch
     from tomoloc.training import quiet_lightning
 
+    import torch
+
     quiet_lightning()
+    torch.set_num_threads(args.threads)
     size = SIZES["large" if args.large else "cpu"]
     if args._tiny:
         size = {**size, "pre_epochs": 1, "pre_steps": 4, "ft_epochs": 1, "ft_steps": 4, "batch": 8}
@@ -155,7 +162,8 @@ def main() -> None:
                 continue
             a = {"method": m, "seed": seed, "volumes": vols, "out": str(out / f"pre_{m}_{seed}"),
                  "input_size": size["input_size"], "batch": size["batch"], "epochs": size["pre_epochs"],
-                 "steps": size["pre_steps"], "devices": size["devices"], "precision": size["precision"]}
+                 "steps": size["pre_steps"], "devices": size["devices"], "precision": size["precision"],
+                 "threads": args.threads}
             proc = subprocess.run([sys.executable, __file__, "--_child", json.dumps(a)], env=env,
                                   capture_output=True, text=True)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -220,7 +228,7 @@ def main() -> None:
         f"test): {voxels}.",
         f"Pre-training: ResNet-18, input {size['input_size']}, batch {size['batch']} slices (SimCLR and MoCo v3: "
         f"two views each), {size['pre_epochs']} x {size['pre_steps']} steps, AdamW 1e-3 cosine, {size['devices']}, "
-        f"{size['precision']}. Fine-tuning: DeepLabV3+, batch {size['ft_batch']}, "
+        f"{size['precision']}, {args.threads} torch thread(s) per process. Fine-tuning: DeepLabV3+, batch {size['ft_batch']}, "
         f"{size['ft_epochs']} x {size['ft_steps']} steps whatever the fraction; labelled slices used: "
         f"1%: {n_slices[0.01]}, 100%: {n_slices[1.0]}.",
         f"Mean ± sample std over seeds {list(seeds)} (each seed: its own pre-training and fine-tuning). "

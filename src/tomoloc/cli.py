@@ -625,8 +625,15 @@ def segment(
 
     Example: tomoloc segment scans/*.npy --model runs/seg --out labels/
     """
-    from tomoloc.segmentation import segment_files
+    from tomoloc.segmentation import load_segmenter, segment_files, segment_targets
 
+    try:  # everything that can be checked cheaply, before the progress bar
+        load_segmenter(model)
+        segment_targets(volumes, out_dir, fmt.value if fmt else None, overwrite)
+    except ValueError as exc:
+        if isinstance(exc, USER_ERRORS):
+            raise
+        raise UsageProblem(str(exc)) from None
     with _progress() as prog:
         task = prog.add_task("segment", total=len(volumes))
         try:

@@ -60,6 +60,7 @@ __all__ = [
     "predict_classes",
     "predict_labels",
     "segment_files",
+    "segment_targets",
     "select_slices",
 ]
 
@@ -499,31 +500,46 @@ def predict_labels(net: nn.Module, config: SegConfig, volume: Any) -> np.ndarray
     return _full_size(*_predict_small(net, config, volume))
 
 
+def segment_targets(volumes: Sequence[str], out_dir: str | os.PathLike, fmt: str | None = None,
+                    overwrite: bool = False) -> list[tuple[str, Path, str]]:
+    """``(volume, output path, format)`` per volume: ``out_dir/<stem>_labels<suffix>``.
+
+    Raises FileExistsError for an existing output (unless ``overwrite``) or an output that
+    would replace its own input; opens every volume, so unreadable ones fail here.
+    """
+    from tomoloc import io
+    from tomoloc.crop import output_path
+
+    plan = []
+    for v in volumes:
+        with io.open_volume(v) as vol:
+            form = fmt or vol.format
+        suffix = io.format_suffix(form)
+        base = output_path(v, out_dir, form)
+        target = base.with_name(base.name[: len(base.name) - len(suffix)] + "_labels" + suffix)
+        src = Path(io.split_dataset_path(v)[0])
+        if target.exists() and src.exists() and os.path.samefile(src, target):
+            raise FileExistsError(f"{target}: is an input volume; choose another --out")
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"{target}: already exists (use --overwrite to replace it)")
+        plan.append((v, target, form))
+    return plan
+
+
 def segment_files(run_dir: str | os.PathLike, volumes: Sequence[str], out_dir: str | os.PathLike,
                   fmt: str | None = None, overwrite: bool = False,
                   on_volume: Callable[[str], None] | None = None) -> list[Path]:
     """Write ``<stem>_labels<suffix>`` into ``out_dir`` for each volume; return the paths.
 
-    Every target is checked and every volume segmented (on its small working-copy grid)
-    before anything is written, so a bad volume leaves no partial output; existing files
-    are an error unless ``overwrite``, an output never replaces its input, and each file is
-    written atomically by :func:`tomoloc.io.save_volume`.
+    Every target is checked (:func:`segment_targets`) and every volume segmented (on its
+    small working-copy grid) before anything is written, so a bad volume leaves no
+    partial output; each file is written atomically by :func:`tomoloc.io.save_volume`
+    as uint8 label ids of the input's shape.
     """
     from tomoloc import io
-    from tomoloc.crop import output_path
 
     net, cfg = load_segmenter(run_dir)
-    plan = []
-    for v in volumes:
-        with io.open_volume(v) as vol:
-            form = fmt or vol.format
-        base = output_path(v, out_dir, form)
-        target = base.with_name(base.name[: len(base.name) - len(io.format_suffix(form))] + "_labels"
-                                + io.format_suffix(form))
-        src = Path(io.split_dataset_path(v)[0])
-        if target.exists() and (not overwrite or (src.exists() and os.path.samefile(src, target))):
-            raise FileExistsError(f"{target}: already exists" + ("" if not overwrite else " and is an input"))
-        plan.append((v, target, form))
+    plan = segment_targets(volumes, out_dir, fmt, overwrite)
     small = []
     for v, _, _ in plan:
         small.append(_predict_small(net, cfg, v))
