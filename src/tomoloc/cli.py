@@ -602,8 +602,9 @@ def finetune(
             raise
         raise UsageProblem(str(exc)) from None
     where = "held-out volumes" if metrics["held_out"] else "the training volumes (nothing held out)"
-    t = Table(title=f"IoU on {where}")
-    t.add_column("class")
+    out.print(f"IoU on {where}:")
+    t = Table()
+    t.add_column("label id")
     t.add_column("IoU", justify="right")
     for name, v in metrics["iou"].items():
         t.add_row(name, "-" if v is None else f"{v:.3f}")

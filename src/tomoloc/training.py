@@ -742,7 +742,8 @@ def load_model(run_dir: str | os.PathLike, which: str = "best",
     Returns
     -------
     net : nn.Module
-        :class:`~tomoloc.models.RotationNet` (or ``SortingNet``), plain PyTorch.
+        :class:`~tomoloc.models.RotationNet` (or ``SortingNet``, ``SimCLRNet``,
+        ``MoCoV3Net``), plain PyTorch.
     config : TrainConfig
     """
     path = Path(run_dir) / "checkpoints" / f"{which}.ckpt" if which in ("best", "last") else Path(which)
