@@ -158,3 +158,16 @@ def test_cli_finetune_errors_are_one_line(tmp_path):
         assert res.exit_code == 2, res.output
         assert res.output.startswith("tomoloc: error:") and msg in res.output and res.output.count("\n") == 1, res.output
     assert not (tmp_path / "seg").exists() and not (tmp_path / "o").exists()
+
+
+def test_predict_labels_restores_the_full_shape_of_a_downsampled_volume(toy_run):
+    import dataclasses
+
+    d, _, pairs = toy_run
+    net, cfg = load_segmenter(d)
+    vol = pairs[4][0][:, :, :30]  # 16 x 32 x 30: blocks of 2 leave a partial block along X
+    small = dataclasses.replace(cfg, max_voxels=vol.size // 8 + 1)
+    labels = predict_labels(net, small, vol)
+    assert labels.shape == vol.shape and labels.dtype == np.uint8
+    # Nearest upsampling: every 2x2x2 block carries one label.
+    assert np.array_equal(labels[::2, ::2, ::2].repeat(2, 0).repeat(2, 1).repeat(2, 2)[:, :, :30], labels)
