@@ -4,9 +4,11 @@ For each seed: pre-train a ResNet-18 with each method on an unlabelled synthetic
 (``tomoloc.pretrain.pretrain``, every method at the same batch size of slices), then
 fine-tune DeepLabV3+ (``tomoloc.segmentation.finetune``) from each encoder and from a
 random one on 1 % and 100 % of the labelled slices of the training volumes, and measure
-IoU on held-out volumes. Each pre-training runs in a child process so that its peak
-resident memory can be read (``ru_maxrss`` at the end minus the RSS before training:
-weights, optimiser state, activations and data together); on GPU, torch's
+IoU on held-out volumes. Each pre-training runs in a child process. Peak memory comes
+from a separate short run per method (10 steps at the same batch size, also a child
+process): the peak resident set size of the process (``VmHWM``, which, unlike
+``ru_maxrss``, is not inherited from the parent) minus its RSS just before training:
+weights, optimiser state, activations and data together. On GPU, torch's
 ``max_memory_allocated`` is reported instead.
 
 Writes ``results.json`` (every run) into ``--out`` and the table into BENCHMARKS.md
@@ -21,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -44,10 +45,11 @@ SIZES = {
 }
 
 
-def _rss_mib() -> float:
+def _status_mib(key: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process, MiB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -84,7 +86,7 @@ def child(args_json: str) -> None:
                       epochs=a["epochs"], steps_per_epoch=a["steps"], val_samples=2 * a["batch"], seed=a["seed"],
                       devices=a["devices"], precision=a["precision"])
     timer = StepTimer()
-    rss0 = _rss_mib()
+    rss0 = _status_mib("VmRSS")
     t0 = time.perf_counter()
     load0 = os.getloadavg()[0]
     pretrain(a["volumes"], a["out"], cfg, overwrite=True, callbacks=[timer])
@@ -93,7 +95,7 @@ def child(args_json: str) -> None:
     # the median leaves out the validation pause at each epoch's end.
     iv = np.diff(timer.starts)
     res = {"method": a["method"], "seed": a["seed"], "s_per_step": float(np.median(iv[2:])) if len(iv) > 2 else None,
-           "wall_s": wall, "peak_rss_delta_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0,
+           "wall_s": wall, "peak_rss_delta_mib": _status_mib("VmHWM") - rss0,
            "load_1min": [load0, os.getloadavg()[0]], "steps": len(timer.starts)}
     if torch.cuda.is_available() and a["devices"] != "cpu":
         res["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -105,6 +107,19 @@ def _fmt(vals: list[float]) -> str:
     if not len(v):
         return "n/a"
     return f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.3f}"
+
+
+def _run_child(method: str, seed: int, vols: list[str], run_dir: Path, size: dict, epochs: int, steps: int,
+               threads: int, env: dict) -> dict:
+    a = {"method": method, "seed": seed, "volumes": vols, "out": str(run_dir), "input_size": size["input_size"],
+         "batch": size["batch"], "epochs": epochs, "steps": steps, "devices": size["devices"],
+         "precision": size["precision"], "threads": threads}
+    proc = subprocess.run([sys.executable, __file__, "--_child", json.dumps(a)], env=env, capture_output=True,
+                          text=True)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise SystemExit(f"pre-training {method} seed {seed} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line[7:])
 
 
 def main() -> None:
@@ -160,16 +175,8 @@ def main() -> None:
         for m in METHODS:
             if (m, seed) in done_pre:
                 continue
-            a = {"method": m, "seed": seed, "volumes": vols, "out": str(out / f"pre_{m}_{seed}"),
-                 "input_size": size["input_size"], "batch": size["batch"], "epochs": size["pre_epochs"],
-                 "steps": size["pre_steps"], "devices": size["devices"], "precision": size["precision"],
-                 "threads": args.threads}
-            proc = subprocess.run([sys.executable, __file__, "--_child", json.dumps(a)], env=env,
-                                  capture_output=True, text=True)
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if proc.returncode != 0 or line is None:
-                raise SystemExit(f"pre-training {m} seed {seed} failed:\n{proc.stderr[-3000:]}")
-            r = json.loads(line[7:])
+            r = _run_child(m, seed, vols, out / f"pre_{m}_{seed}", size, size["pre_epochs"], size["pre_steps"],
+                           args.threads, env)
             results["pretrain"].append(r)
             results_path.write_text(json.dumps(results, indent=1))
             print(f"pretrain {m} seed {seed}: {r['s_per_step']:.3f} s/step, {r['wall_s']:.0f} s, "
@@ -191,8 +198,15 @@ def main() -> None:
                 results_path.write_text(json.dumps(results, indent=1))
                 print(f"finetune {m} seed {seed} {frac:.0%}: {met['iou']} ({met['n_train_slices']} slices, "
                       f"{met['seconds']:.0f} s)", flush=True)
-    total = time.perf_counter() - t_start
-    results["total_s"] = total
+    if len(results.get("memory", [])) < len(METHODS):
+        results["memory"] = []
+        for m in METHODS:  # isolated short runs: the peak memory of each method at the same batch size
+            r = _run_child(m, 0, vols, out / f"mem_{m}", size, 1, 10, args.threads, env)
+            results["memory"].append(r)
+            print(f"memory {m}: peak RSS +{r['peak_rss_delta_mib']:.0f} MiB", flush=True)
+    # Accumulated over invocations: a resumed run adds its own time.
+    results["total_s"] = results.get("total_s", 0.0) + time.perf_counter() - t_start
+    total = results["total_s"]
     results_path.write_text(json.dumps(results, indent=1))
 
     seeds = range(args.seeds)
@@ -210,10 +224,11 @@ def main() -> None:
                 cells.append(_fmt([r["iou"][key] if key != "mean" else r["mean_iou"] for r in rs]))
         cells = [cells[0], cells[1], cells[2], cells[3]]
         ps = [r for r in pre if r["method"] == m]
+        ms = [r for r in results["memory"] if r["method"] == m]
         if ps:
             sps = f"{np.mean([r['s_per_step'] for r in ps]):.3f}"
-            mem = (f"{np.mean([r['cuda_peak_mib'] for r in ps]):.0f} (GPU)" if "cuda_peak_mib" in ps[0]
-                   else f"{np.mean([r['peak_rss_delta_mib'] for r in ps]):.0f}")
+            mem = (f"{ms[0]['cuda_peak_mib']:.0f} (GPU)" if "cuda_peak_mib" in ms[0]
+                   else f"{ms[0]['peak_rss_delta_mib']:.0f}")
             load = f"{np.mean([np.mean(r['load_1min']) for r in ps]):.2f}"
         else:
             sps = mem = load = "-"
@@ -232,8 +247,10 @@ def main() -> None:
         f"{size['ft_epochs']} x {size['ft_steps']} steps whatever the fraction; labelled slices used: "
         f"1%: {n_slices[0.01]}, 100%: {n_slices[1.0]}.",
         f"Mean ± sample std over seeds {list(seeds)} (each seed: its own pre-training and fine-tuning). "
-        f"s/step: median interval between training-step starts (data included). Peak RSS delta: ru_maxrss "
-        f"of the pre-training process at the end minus its RSS before training. Total wall time {total / 60:.1f} min.",
+        f"s/step: median interval between training-step starts (data included), mean over seeds. Peak RSS "
+        f"delta: VmHWM of a separate 10-step pre-training process minus its RSS before training. "
+        f"Load: 1-minute load average at the start and end of each pre-training, averaged (the CPU was shared). "
+        f"Total wall time {total / 60:.1f} min.",
         "",
         *lines,
     ])
