@@ -575,7 +575,8 @@ def finetune(
     """
     label_paths = _expand_labels(labels)
     if len(label_paths) != len(volumes):
-        raise UsageProblem(f"--labels: {len(label_paths)} label volume(s) for {len(volumes)} volume(s)")
+        raise UsageProblem(f"--labels: {len(label_paths)} label volume(s) for {len(volumes)} volume(s) (give --labels "
+                           "once per volume, or one glob pattern in quotes so that the shell does not expand it)")
     try:
         ids = tuple(int(c) for c in classes.split(","))
     except ValueError:
