@@ -606,6 +606,191 @@ def watch(
     out.print(f"took {n} volume(s); manifest: {out_dir / 'manifest.json'}")
 
 
+# ------------------------------------------------------- pretrain / finetune / segment
+class _SegDefaults:
+    """Mirror of ``tomoloc.segmentation.SegConfig`` defaults (a test keeps them equal) so the
+    CLI starts without importing torch."""
+
+    classes, fraction, input_size, batch_size, epochs, steps_per_epoch = (3,), 1.0, 64, 16, 8, 25
+    lr, holdout, backbone = 1e-3, 0.25, "resnet18"
+
+
+SEG_DEFAULTS = _SegDefaults
+
+
+class PretrainMethod(str, Enum):
+    sorting = "sorting"
+    simclr = "simclr"
+    mocov3 = "mocov3"
+
+
+def _devices(devices: str) -> str | int:
+    return int(devices) if devices.isdigit() else devices
+
+
+def _expand_labels(values: list[str]) -> list[str]:
+    """Each ``--labels`` value is a path, or a quoted glob pattern expanded in natural order."""
+    import glob
+
+    paths: list[str] = []
+    for v in values:
+        if any(ch in v for ch in "*?[") and not Path(io.split_dataset_path(v)[0]).exists():
+            hits = sorted(glob.glob(v), key=io._natural_key)
+            if not hits:
+                raise FileNotFoundError(f"{v}: no file matches this pattern")
+            paths.extend(hits)
+        else:
+            paths.append(v)
+    return paths
+
+
+@app.command()
+@_user_errors
+def pretrain(
+    volumes: list[str] = typer.Argument(..., help="Unlabelled volumes to pre-train on."),
+    method: PretrainMethod = typer.Option(PretrainMethod.sorting, help="sorting (one view, one model), simclr or mocov3."),
+    backbone: str = typer.Option(TRAIN_DEFAULTS.backbone, help="resnet18, resnet34 or resnet50."),
+    out_dir: Path = typer.Option(..., "--out", help="Run directory; the encoder goes to RUN_DIR/encoder.safetensors."),
+    epochs: int = typer.Option(TRAIN_DEFAULTS.epochs, min=1, help="Epochs."),
+    steps: int = typer.Option(TRAIN_DEFAULTS.steps_per_epoch, min=1, help="Optimiser steps per epoch."),
+    batch_size: int = typer.Option(TRAIN_DEFAULTS.batch_size, min=2, help="Slices per step (contrastive: two views each)."),
+    input_size: int = typer.Option(TRAIN_DEFAULTS.input_size, min=16, help="Network input side (slices are resized)."),
+    lr: float = typer.Option(TRAIN_DEFAULTS.lr, help="Peak learning rate (AdamW, cosine schedule)."),
+    devices: str = typer.Option("auto", help="auto/cpu, gpu, or a number of GPUs (DDP when > 1)."),
+    precision: str = typer.Option("32-true", help="32-true; on GPU also bf16-mixed or 16-mixed."),
+    workers: int = typer.Option(0, min=0, help="Data-loading worker processes."),
+    seed: int = typer.Option(0, help="Random seed (weights, split, samples, augmentations)."),
+    overwrite: bool = typer.Option(False, help="Replace an earlier run in --out."),
+) -> None:
+    """Self-supervised pre-training of a segmentation encoder on an unlabelled batch.
+
+    Writes a training run and its encoder as a torchvision ResNet state dict
+    (RUN_DIR/encoder.safetensors, one input channel) for `tomoloc finetune --encoder`.
+
+    Example: tomoloc pretrain data/vol_*[0-9].npy --method sorting --out runs/pre
+    """
+    from tomoloc.pretrain import pretrain as run_pretrain
+    from tomoloc.training import TrainConfig, quiet_lightning
+
+    quiet_lightning()
+    try:
+        cfg = TrainConfig(task=method.value, backbone=backbone, input_size=input_size, batch_size=batch_size,
+                          epochs=epochs, steps_per_epoch=steps, lr=lr, seed=seed, devices=_devices(devices),
+                          precision=precision, num_workers=workers)
+    except ValueError as exc:
+        raise UsageProblem(str(exc)) from None
+    for v in volumes:  # fail on a bad path before any work, with the file named
+        io.open_volume(v).close()
+    t0 = time.perf_counter()
+    path = run_pretrain(volumes, out_dir, cfg, progress=sys.stderr.isatty(), overwrite=overwrite)
+    out.print(f"pre-trained {backbone} with {method.value} on {len(volumes)} volume(s) in "
+              f"{time.perf_counter() - t0:.0f} s; encoder: {path}")
+
+
+@app.command()
+@_user_errors
+def finetune(
+    volumes: list[str] = typer.Argument(..., help="Volumes with label volumes (same order as --labels)."),
+    labels: list[str] = typer.Option(..., help="Label volume per volume (uint8 ids), repeated, or one quoted glob."),
+    encoder: str = typer.Option(..., help="Pre-training RUN_DIR (encoder.safetensors), or none for random weights."),
+    out_dir: Path = typer.Option(..., "--out", help="Run directory: model.safetensors, metrics.json, config.json."),
+    classes: str = typer.Option(",".join(map(str, SEG_DEFAULTS.classes)),
+                                help="Label ids to segment, e.g. 3 or 3,4 (fish: 2 skeleton, 3 eyes, 4 organs)."),
+    fraction: float = typer.Option(SEG_DEFAULTS.fraction, help="Share of the labelled slices to train on, (0, 1]."),
+    holdout: float = typer.Option(SEG_DEFAULTS.holdout, help="Share of the volumes held out for the IoU."),
+    backbone: Optional[str] = typer.Option(None, help="Encoder backbone (default: the export's, else resnet18)."),
+    epochs: int = typer.Option(SEG_DEFAULTS.epochs, min=1, help="Epochs."),
+    steps: int = typer.Option(SEG_DEFAULTS.steps_per_epoch, min=1, help="Optimiser steps per epoch."),
+    batch_size: int = typer.Option(SEG_DEFAULTS.batch_size, min=2, help="Slices per step."),
+    input_size: int = typer.Option(SEG_DEFAULTS.input_size, min=16, help="Network input side, a multiple of 16."),
+    lr: float = typer.Option(SEG_DEFAULTS.lr, help="Peak learning rate (AdamW, cosine schedule)."),
+    devices: str = typer.Option("auto", help="auto/cpu, gpu, or a number of GPUs."),
+    precision: str = typer.Option("32-true", help="32-true; on GPU also bf16-mixed or 16-mixed."),
+    seed: int = typer.Option(0, help="Random seed (weights, split, slice choice, sampling)."),
+    overwrite: bool = typer.Option(False, help="Replace an earlier run in --out."),
+) -> None:
+    """Fine-tune a DeepLabV3+ segmenter on axis-0 slices; report IoU per class on held-out volumes.
+
+    Example: tomoloc finetune data/vol_00[0-7].npy --labels 'data/vol_00[0-7]_labels.npy'
+    --encoder runs/pre --fraction 0.01 --out runs/seg
+    """
+    label_paths = _expand_labels(labels)
+    if len(label_paths) != len(volumes):
+        raise UsageProblem(f"--labels: {len(label_paths)} label volume(s) for {len(volumes)} volume(s) (give --labels "
+                           "once per volume, or one glob pattern in quotes so that the shell does not expand it)")
+    try:
+        ids = tuple(int(c) for c in classes.split(","))
+    except ValueError:
+        raise UsageProblem(f"--classes {classes!r}: expected comma-separated label ids such as 3,4") from None
+    enc = None if encoder.lower() == "none" else encoder
+    if enc is not None:
+        from tomoloc.pretrain import load_encoder
+
+        _, meta = load_encoder(enc)  # a missing or foreign export fails here, before any work
+        backbone = backbone or meta.get("backbone")
+    for v in [*volumes, *label_paths]:
+        io.open_volume(v).close()
+    from tomoloc.segmentation import SegConfig, finetune as run_finetune
+    from tomoloc.training import quiet_lightning
+
+    quiet_lightning()
+    try:
+        cfg = SegConfig(classes=ids, backbone=backbone or SEG_DEFAULTS.backbone, encoder=enc, fraction=fraction,
+                        input_size=input_size, batch_size=batch_size, epochs=epochs, steps_per_epoch=steps, lr=lr,
+                        holdout=holdout, seed=seed, devices=_devices(devices), precision=precision)
+        metrics = run_finetune(volumes, label_paths, out_dir, cfg, overwrite=overwrite, progress=sys.stderr.isatty())
+    except ValueError as exc:
+        if isinstance(exc, USER_ERRORS):
+            raise
+        raise UsageProblem(str(exc)) from None
+    where = "held-out volumes" if metrics["held_out"] else "the training volumes (nothing held out)"
+    out.print(f"IoU on {where}:")
+    t = Table()
+    t.add_column("label id")
+    t.add_column("IoU", justify="right")
+    for name, v in metrics["iou"].items():
+        t.add_row(name, "-" if v is None else f"{v:.3f}")
+    out.print(t)
+    out.print(f"fine-tuned on {metrics['n_train_slices']} labelled slice(s) in {metrics['seconds']:.0f} s; "
+              f"model in {out_dir} (model.safetensors, metrics.json)")
+
+
+@app.command()
+@_user_errors
+def segment(
+    volumes: list[str] = typer.Argument(..., help="Volumes to segment (any supported format)."),
+    model: Path = typer.Option(..., help="Fine-tuning run directory (made by `tomoloc finetune`)."),
+    out_dir: Path = typer.Option(..., "--out", help="Output folder: <name>_labels<suffix> per volume."),
+    fmt: Optional[Format] = typer.Option(None, "--format", help="Output format (default: each input's)."),
+    overwrite: bool = typer.Option(False, help="Replace existing outputs in --out."),
+) -> None:
+    """Write a label volume (uint8 label ids, the input's shape) for each volume.
+
+    Example: tomoloc segment scans/*.npy --model runs/seg --out labels/
+    """
+    from tomoloc.segmentation import load_segmenter, segment_files, segment_targets
+
+    try:  # everything that can be checked cheaply, before the progress bar
+        load_segmenter(model)
+        segment_targets(volumes, out_dir, fmt.value if fmt else None, overwrite)
+    except ValueError as exc:
+        if isinstance(exc, USER_ERRORS):
+            raise
+        raise UsageProblem(str(exc)) from None
+    with _progress() as prog:
+        task = prog.add_task("segment", total=len(volumes))
+        try:
+            written = segment_files(model, volumes, out_dir, fmt=fmt.value if fmt else None, overwrite=overwrite,
+                                    on_volume=lambda _p: prog.advance(task))
+        except ValueError as exc:
+            if isinstance(exc, USER_ERRORS):
+                raise
+            raise UsageProblem(str(exc)) from None
+    for v, w in zip(volumes, written):
+        out.print(f"{v} -> {w}")
+    out.print(f"wrote {len(written)} label volume(s) to {out_dir}")
+
+
 # ------------------------------------------------------------------------------ demo
 @app.command()
 @_user_errors

@@ -3,6 +3,8 @@
 ``rotation_loss``: classification of the relative rotation between two slices.
 ``sorting_loss``: pairwise margin ranking of the slices of one volume, with
 ``mean_displacement`` as its control metric.
+``mocov3_loss``: the symmetric contrastive loss of MoCo v3 on lightly's NT-Xent
+(SimCLR uses ``lightly.loss.NTXentLoss`` directly).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["mean_displacement", "rotation_loss", "sorting_loss"]
+__all__ = ["mean_displacement", "mocov3_loss", "rotation_loss", "sorting_loss"]
 
 
 def rotation_loss(logits: Tensor, target: Tensor) -> Tensor:
@@ -69,3 +71,16 @@ def mean_displacement(scores: Tensor, positions: Tensor) -> Tensor:
     pred = torch.argsort(torch.argsort(scores.detach(), stable=True), stable=True)
     true = torch.argsort(torch.argsort(positions.detach(), stable=True), stable=True)
     return (pred - true).abs().float().mean()
+
+
+def mocov3_loss(q1: Tensor, q2: Tensor, k1: Tensor, k2: Tensor, criterion: torch.nn.Module) -> Tensor:
+    """Symmetric MoCo v3 loss: each view's query must find the other view's key.
+
+    ``(criterion(q1, k2) + criterion(q2, k1)) / 2`` with ``criterion`` a
+    ``lightly.loss.NTXentLoss`` (its temperature is MoCo v3's). Queries ``q1, q2`` come
+    from the prediction head ``(B, D)``, keys ``k1, k2`` from the momentum branch
+    ``(B, D)`` and carry no gradient; the other images of the batch are the negatives.
+    The mean rather than MoCo v3's sum (scaled by ``2 T``) only rescales the gradient,
+    which AdamW does not see.
+    """
+    return 0.5 * (criterion(q1, k2.detach()) + criterion(q2, k1.detach()))

@@ -18,6 +18,8 @@ from torchvision.models.resnet import ResNet
 
 __all__ = [
     "ENCODERS",
+    "MoCoV3Net",
+    "SimCLRNet",
     "RotationNet",
     "SortingNet",
     "dilate",
@@ -182,6 +184,69 @@ class SortingNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Scores ``(B,)`` for slices ``x`` ``(B, 1, H, W)``."""
         return self.head(self.embed(x)).squeeze(-1)
+
+
+class SimCLRNet(nn.Module):
+    """SimCLR (Chen et al. 2020): encoder and lightly's ``SimCLRProjectionHead``.
+
+    ``forward(x)`` maps slices ``(B, 1, H, W)`` to projections ``(B, 128)`` through the
+    2-layer head (hidden width = the encoder's ``C``, batch norm), as in lightly's SimCLR
+    example for ResNets; the loss is NT-Xent on the projections of two views.
+    """
+
+    def __init__(self, backbone: str = "resnet18", out_dim: int = 128):
+        from lightly.models.modules.heads import SimCLRProjectionHead
+
+        super().__init__()
+        self.backbone = backbone
+        self.encoder = make_encoder(backbone, in_channels=1)
+        dim = encoder_dim(backbone)
+        self.projection = SimCLRProjectionHead(dim, dim, out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Projections ``(B, out_dim)`` of slices ``(B, 1, H, W)``."""
+        return self.projection(self.encoder(x))
+
+
+class MoCoV3Net(nn.Module):
+    """MoCo v3 (Chen, Xie, He 2021) composed from lightly's parts (lightly has no MoCo v3 class).
+
+    Query branch: encoder -> ``MoCoProjectionHead`` (3 layers, batch norm in every layer,
+    hidden 4096, output 256) -> ``BYOLPredictionHead`` (2 layers with batch norm, hidden
+    4096, output 256). Key branch: a momentum copy of the encoder and projection head
+    (no prediction head, no gradients), updated by :meth:`update_momentum`. Widths are the
+    paper's ResNet recipe.
+    """
+
+    def __init__(self, backbone: str = "resnet18", hidden: int = 4096, out_dim: int = 256):
+        from lightly.models.modules.heads import BYOLPredictionHead, MoCoProjectionHead
+        from lightly.models.utils import deactivate_requires_grad
+
+        super().__init__()
+        self.backbone = backbone
+        self.encoder = make_encoder(backbone, in_channels=1)
+        self.projection = MoCoProjectionHead(encoder_dim(backbone), hidden, out_dim, num_layers=3, batch_norm=True)
+        self.prediction = BYOLPredictionHead(out_dim, hidden, out_dim)
+        self.encoder_momentum = copy.deepcopy(self.encoder)
+        self.projection_momentum = copy.deepcopy(self.projection)
+        deactivate_requires_grad(self.encoder_momentum)
+        deactivate_requires_grad(self.projection_momentum)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Query predictions ``(B, out_dim)`` of slices ``(B, 1, H, W)``."""
+        return self.prediction(self.projection(self.encoder(x)))
+
+    @torch.no_grad()
+    def forward_momentum(self, x: Tensor) -> Tensor:
+        """Key projections ``(B, out_dim)`` from the momentum branch (no gradient)."""
+        return self.projection_momentum(self.encoder_momentum(x))
+
+    def update_momentum(self, m: float) -> None:
+        """Key weights <- ``m * key + (1 - m) * query`` (lightly's ``update_momentum``)."""
+        from lightly.models.utils import update_momentum
+
+        update_momentum(self.encoder, self.encoder_momentum, m)
+        update_momentum(self.projection, self.projection_momentum, m)
 
 
 def dilate(encoder: ResNet, output_stride: int = 8) -> ResNet:

@@ -29,6 +29,7 @@ __all__ = [
     "RotationPairDataset",
     "SORTING_SAMPLERS",
     "SortingBatchDataset",
+    "TwoViewSliceDataset",
     "extract_slice",
     "generalized_gaussian_weights",
     "inscribed_circle_mask",
@@ -359,6 +360,71 @@ class SortingBatchDataset(_SliceDataset):
         imgs = np.ascontiguousarray(imgs, dtype=np.float32)[:, None]
         return (torch.from_numpy(imgs), torch.from_numpy(pos.astype(np.int64)),
                 {"volume": v, "axis": axis, "epoch": epoch})
+
+
+class TwoViewSliceDataset(_SliceDataset):
+    """Contrastive samples: item ``idx`` is two augmented views of ONE random slice.
+
+    Item ``idx`` is drawn with ``np.random.default_rng([seed, epoch, idx])``: a volume, an
+    axis and a slice index uniformly; the two views come from
+    :func:`tomoloc.transforms.two_views` with the method's view recipes
+    (:data:`tomoloc.transforms.SIMCLR_VIEWS` or :data:`~tomoloc.transforms.MOCOV3_VIEWS`),
+    seeded by the same key. The other items of a batch are the negatives, so each item
+    must be a different slice; a batch of ``B`` items encodes ``2 B`` images.
+
+    Parameters
+    ----------
+    volumes : sequence of np.ndarray
+        float32 ``(Z, Y, X)`` normalised volumes (:func:`prepare_volume`).
+    recipes : pair of tomoloc.transforms.ViewRecipe
+        Augmentations of the first and the second view.
+    axes : sequence of int
+        Axes to slice along.
+    input_size : int
+        Side ``S`` of the slices and of the views.
+    length : int
+        Items per epoch.
+    seed : int
+        Base seed.
+
+    Returns (``__getitem__``)
+    -------------------------
+    view_a, view_b : Tensor
+        float32 ``(1, S, S)``.
+    meta : dict
+        ``volume, axis, index, epoch`` (ints).
+    """
+
+    def __init__(self, volumes: Sequence[np.ndarray], recipes: Sequence[Any], axes: Sequence[int] = (0, 1, 2),
+                 input_size: int = 64, length: int = 100, seed: int = 0):
+        from tomoloc.transforms import make_view
+
+        self.volumes = [np.asarray(v, dtype=np.float32) for v in volumes]
+        if not self.volumes or any(v.ndim != 3 for v in self.volumes):
+            raise ValueError("TwoViewSliceDataset needs at least one 3D volume")
+        self.axes = tuple(int(a) for a in axes)
+        if not self.axes or any(a not in (0, 1, 2) for a in self.axes):
+            raise ValueError(f"axes must be a non-empty subset of (0, 1, 2), got {axes!r}")
+        if len(recipes) != 2:
+            raise ValueError("two view recipes are needed")
+        self.input_size = int(input_size)
+        self.length = int(length)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.views = (make_view(recipes[0], self.input_size), make_view(recipes[1], self.input_size))
+        self._stacks: dict[tuple[int, int], np.ndarray] = {}
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        from tomoloc.transforms import two_views
+
+        epoch, idx = self._key(key)
+        rng = np.random.default_rng([self.seed, epoch, idx])
+        v = int(rng.integers(len(self.volumes)))
+        axis = self.axes[int(rng.integers(len(self.axes)))]
+        stack = self.stack(v, axis)
+        i = int(rng.integers(stack.shape[0]))
+        a, b = two_views(torch.from_numpy(stack[i][None]), self.views, [self.seed, epoch, idx])
+        return a, b, {"volume": v, "axis": axis, "index": i, "epoch": epoch}
 
 
 def _twin_index(rng: np.random.Generator, i: int, n: int, k: int) -> int:

@@ -8,8 +8,10 @@ A run directory ``out_dir`` holds::
     checkpoints/best.ckpt    lowest ``val_loss`` so far
     checkpoints/last.ckpt    end of the latest epoch; ``train(..., resume=True)`` continues it
 
-Two tasks: ``rotation`` (:class:`RotationModule`, pairs of slices) and ``sorting``
-(:class:`SortingModule`, batches of slices of one volume along one axis).
+Pretext tasks: ``rotation`` (:class:`RotationModule`, pairs of slices), ``sorting``
+(:class:`SortingModule`, batches of slices of one volume along one axis), and the
+contrastive baselines ``simclr`` (:class:`SimCLRModule`) and ``mocov3``
+(:class:`MoCoV3Module`), two augmented views of each slice.
 """
 
 from __future__ import annotations
@@ -27,25 +29,29 @@ from typing import Any, Callable, Iterator, Sequence
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
 
 from tomoloc._fsutil import write_text_atomic
-from tomoloc.losses import mean_displacement, rotation_loss, sorting_loss
-from tomoloc.models import ENCODERS, RotationNet, SortingNet
+from tomoloc.losses import mean_displacement, mocov3_loss, rotation_loss, sorting_loss
+from tomoloc.models import ENCODERS, MoCoV3Net, RotationNet, SimCLRNet, SortingNet
 from tomoloc.preprocess import HOLDER_MODES
 from tomoloc.sampling import (
     DEFAULT_MAX_VOXELS,
     SORTING_SAMPLERS,
     RotationPairDataset,
     SortingBatchDataset,
+    TwoViewSliceDataset,
     n_angle_classes,
     prepare_volume,
 )
 
 __all__ = [
     "RUN_FORMAT",
+    "MoCoV3Module",
     "RotationModule",
+    "SimCLRModule",
     "SortingModule",
     "TrainConfig",
     "VolumeDataModule",
@@ -55,8 +61,10 @@ __all__ = [
 ]
 
 RUN_FORMAT = "tomoloc-train/1"
-TASKS = ("rotation", "sorting")
-DEFAULT_AXES = {"rotation": (0, 1, 2), "sorting": (0, 1, 2)}
+TASKS = ("rotation", "sorting", "simclr", "mocov3")
+DEFAULT_AXES = {"rotation": (0, 1, 2), "sorting": (0, 1, 2), "simclr": (0, 1, 2), "mocov3": (0, 1, 2)}
+#: Tasks whose items are two augmented views of one slice.
+CONTRASTIVE_TASKS = ("simclr", "mocov3")
 
 # Fields that fix the network's shape or the meaning of its output: a resumed run must keep them.
 _ARCH_FIELDS = ("task", "backbone", "input_size", "step", "dropout", "holder")
@@ -69,13 +77,14 @@ class TrainConfig:
     Attributes
     ----------
     task : str
-        ``"rotation"`` or ``"sorting"``.
+        ``"rotation"``, ``"sorting"``, ``"simclr"`` or ``"mocov3"``.
     backbone : str
         ``"resnet18"``, ``"resnet34"`` or ``"resnet50"``.
     input_size : int
         Side ``S`` of the square network input.
     batch_size : int
-        Per step and device: pairs (rotation), or slices of the one volume (sorting).
+        Per step and device: pairs (rotation), slices of the one volume (sorting), or
+        slices with two views each (simclr, mocov3: ``2 * batch_size`` images per step).
     epochs : int
         Number of epochs; an epoch is ``steps_per_epoch`` optimiser steps on each device.
     steps_per_epoch : int
@@ -366,6 +375,16 @@ class VolumeDataModule(L.LightningDataModule):
             self.val_dataset = SortingBatchDataset(val_arrays, length=max(1, c.val_samples // c.batch_size),
                                                    seed=c.seed + 1, augment=False, **common_s).precompute()
             return
+        if c.task in CONTRASTIVE_TASKS:
+            from tomoloc.transforms import MOCOV3_VIEWS, SIMCLR_VIEWS
+
+            recipes = SIMCLR_VIEWS if c.task == "simclr" else MOCOV3_VIEWS
+            common_v = dict(recipes=recipes, axes=c.axes, input_size=c.input_size)
+            self.train_dataset = TwoViewSliceDataset(train_arrays, length=c.steps_per_epoch * c.batch_size
+                                                     * self._world_size(), seed=c.seed, **common_v).precompute()
+            self.val_dataset = TwoViewSliceDataset(val_arrays, length=c.val_samples, seed=c.seed + 1,
+                                                   **common_v).precompute()
+            return
         common = dict(axes=c.axes, k=c.k, step=c.step, input_size=c.input_size, max_shift=c.max_shift)
         # Every device runs steps_per_epoch steps of batch_size pairs per epoch.
         length = c.steps_per_epoch * c.batch_size * self._world_size()
@@ -484,7 +503,81 @@ class SortingModule(_TaskModule):
         return loss, {"md": mean_displacement(scores, positions)}, int(positions.shape[0])
 
 
-_TASKS: dict[str, type[_TaskModule]] = {"rotation": RotationModule, "sorting": SortingModule}
+def _pair_accuracy(z0: Tensor, z1: Tensor) -> Tensor:
+    """Share of first views whose most cosine-similar second view is their own: ``(B, D)`` each."""
+    sim = F.normalize(z0.detach().float(), dim=1) @ F.normalize(z1.detach().float(), dim=1).T
+    return (sim.argmax(dim=1) == torch.arange(z0.shape[0], device=z0.device)).float().mean()
+
+
+class SimCLRModule(_TaskModule):
+    """:class:`tomoloc.models.SimCLRNet` trained with lightly's ``NTXentLoss``.
+
+    Temperature 0.5 (lightly's default and its SimCLR examples). Both views go through
+    the network in one batch, so batch norm sees ``2 B`` images, as SimCLR's global batch
+    norm. Logs ``train_loss``, ``val_loss`` and ``train_acc``, ``val_acc``: the share of
+    first views whose nearest second view (cosine) is their own (chance ``1 / B``).
+    """
+
+    TEMPERATURE = 0.5
+
+    def __init__(self, config: TrainConfig | dict[str, Any]):
+        super().__init__(config)
+        from lightly.loss import NTXentLoss
+
+        self.criterion = NTXentLoss(temperature=self.TEMPERATURE)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Projections ``(B, 128)`` for slices ``(B, 1, S, S)``."""
+        return self.net(x)
+
+    def _step(self, batch: Any) -> tuple[Tensor, dict[str, Tensor], int]:
+        a, b, _ = batch
+        n = a.shape[0]
+        z = self.net(torch.cat([a, b], dim=0)).float()
+        return self.criterion(z[:n], z[n:]), {"acc": _pair_accuracy(z[:n], z[n:])}, int(n)
+
+
+class MoCoV3Module(_TaskModule):
+    """:class:`tomoloc.models.MoCoV3Net` trained with :func:`tomoloc.losses.mocov3_loss`.
+
+    The MoCo v3 ResNet recipe: temperature 1.0, key momentum rising from 0.99 to 1 on a
+    cosine schedule over the run (lightly's ``cosine_schedule``), updated before each
+    training step. Logs ``train_loss``, ``val_loss``, ``train_acc``, ``val_acc`` (query of
+    view 1 against keys of view 2, as :class:`SimCLRModule`).
+    """
+
+    TEMPERATURE = 1.0
+    MOMENTUM = (0.99, 1.0)
+
+    def __init__(self, config: TrainConfig | dict[str, Any]):
+        super().__init__(config)
+        from lightly.loss import NTXentLoss
+
+        self.criterion = NTXentLoss(temperature=self.TEMPERATURE)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Query predictions ``(B, 256)`` for slices ``(B, 1, S, S)``."""
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        from lightly.utils.scheduler import cosine_schedule
+
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        self.net.update_momentum(cosine_schedule(int(self.global_step), total, *self.MOMENTUM))
+        return super().training_step(batch, batch_idx)
+
+    def _step(self, batch: Any) -> tuple[Tensor, dict[str, Tensor], int]:
+        a, b, _ = batch
+        n = a.shape[0]
+        x = torch.cat([a, b], dim=0)
+        q = self.net(x).float()
+        k = self.net.forward_momentum(x).float()
+        loss = mocov3_loss(q[:n], q[n:], k[:n], k[n:], self.criterion)
+        return loss, {"acc": _pair_accuracy(q[:n], k[n:])}, int(n)
+
+
+_TASKS: dict[str, type[_TaskModule]] = {"rotation": RotationModule, "sorting": SortingModule,
+                                        "simclr": SimCLRModule, "mocov3": MoCoV3Module}
 
 
 def _make_module(config: TrainConfig) -> _TaskModule:
@@ -655,6 +748,10 @@ def train(
 def _net_for(config: TrainConfig) -> nn.Module:
     if config.task == "rotation":
         return RotationNet(config.backbone, n_angle_classes(config.step), dropout=config.dropout)
+    if config.task == "simclr":
+        return SimCLRNet(config.backbone)
+    if config.task == "mocov3":
+        return MoCoV3Net(config.backbone)
     return SortingNet(config.backbone, dropout=config.dropout)
 
 
@@ -674,7 +771,8 @@ def load_model(run_dir: str | os.PathLike, which: str = "best",
     Returns
     -------
     net : nn.Module
-        :class:`~tomoloc.models.RotationNet` (or ``SortingNet``), plain PyTorch.
+        :class:`~tomoloc.models.RotationNet` (or ``SortingNet``, ``SimCLRNet``,
+        ``MoCoV3Net``), plain PyTorch.
     config : TrainConfig
     """
     path = Path(run_dir) / "checkpoints" / f"{which}.ckpt" if which in ("best", "last") else Path(which)
