@@ -9,7 +9,7 @@ import torch
 from tomoloc.training import (
     TrainConfig,
     VolumeDataModule,
-    _hardware,
+    hardware,
     load_model,
     split_volumes,
     train,
@@ -70,18 +70,18 @@ def test_config_round_trip_and_validation():
 
 
 def test_hardware_mapping():
-    assert _hardware("auto") == {"accelerator": "cpu", "devices": 1, "num_nodes": 1, "strategy": "auto"}
-    assert _hardware("cpu")["accelerator"] == "cpu"
-    assert _hardware("gpu", check_cuda=False) == {"accelerator": "gpu", "devices": 1, "num_nodes": 1,
+    assert hardware("auto") == {"accelerator": "cpu", "devices": 1, "num_nodes": 1, "strategy": "auto"}
+    assert hardware("cpu")["accelerator"] == "cpu"
+    assert hardware("gpu", check_cuda=False) == {"accelerator": "gpu", "devices": 1, "num_nodes": 1,
                                                   "strategy": "auto"}
-    assert _hardware(4, check_cuda=False) == {"accelerator": "gpu", "devices": 4, "num_nodes": 1, "strategy": "ddp"}
+    assert hardware(4, check_cuda=False) == {"accelerator": "gpu", "devices": 4, "num_nodes": 1, "strategy": "ddp"}
     # one GPU on each of two nodes is DDP too
-    assert _hardware("gpu", check_cuda=False, num_nodes=2)["strategy"] == "ddp"
+    assert hardware("gpu", check_cuda=False, num_nodes=2)["strategy"] == "ddp"
     with pytest.raises(ValueError, match="nodes needs GPUs"):
-        _hardware("cpu", num_nodes=2)
+        hardware("cpu", num_nodes=2)
     if torch.cuda.device_count() < 64:
         with pytest.raises(ValueError, match="GPU"):
-            _hardware(64)
+            hardware(64)
 
 
 def test_precision_auto_is_bf16_on_gpu_only():

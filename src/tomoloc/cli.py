@@ -27,7 +27,7 @@ from tomoloc.localize.base import BadValuesError
 
 
 class _TrainDefaults:
-    """Mirror of ``tomoloc.training.TrainConfig`` defaults (a test keeps them equal) so the
+    """Mirror of ``tomoloc.config.TrainConfig`` defaults (a test keeps them equal) so the
     CLI starts without importing torch and Lightning."""
 
     epochs, steps_per_epoch, batch_size, backbone, input_size = 12, 100, 32, "resnet18", 64

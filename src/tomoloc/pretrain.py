@@ -34,7 +34,7 @@ from tomoloc._fsutil import atomic_path, write_text_atomic
 __all__ = ["ENCODER_FILE", "ENCODER_FORMAT", "METHODS", "encoder_state_dict", "export_encoder", "load_encoder", "load_into",
            "pretrain"]
 
-#: Pre-training methods (tasks of :class:`tomoloc.training.TrainConfig`).
+#: Pre-training methods (tasks of :class:`tomoloc.config.TrainConfig`).
 METHODS = ("sorting", "simclr", "mocov3")
 ENCODER_FILE = "encoder.safetensors"
 ENCODER_META = "encoder.json"
@@ -60,7 +60,7 @@ def export_encoder(run_dir: str | os.PathLike, which: str = "last") -> Path:
     """
     from safetensors.torch import save_file
 
-    from tomoloc.training import load_model
+    from tomoloc.checkpoints import load_model
 
     run = Path(run_dir)
     net, cfg = load_model(run, which)
@@ -111,7 +111,7 @@ def pretrain(volumes: Sequence[Any], out_dir: str | os.PathLike, config: Any, *,
         Unlabelled ``(Z, Y, X)`` volumes.
     out_dir : path-like
         Run directory (layout in the module docstring).
-    config : tomoloc.training.TrainConfig
+    config : tomoloc.config.TrainConfig
         ``task`` is the method; everything else as for :func:`tomoloc.training.train`.
     progress, overwrite, callbacks
         Passed to :func:`tomoloc.training.train`.

@@ -251,6 +251,14 @@ class _SliceDataset(Dataset):
             raise IndexError(f"index {idx} out of range for {self.length} items")
         return epoch, idx
 
+    def _draw(self, key: int | tuple[int, int]) -> tuple[int, int, np.random.Generator, int, int]:
+        """``(epoch, index, rng, volume, axis)`` of an item: the generator is seeded by
+        ``(seed, epoch, index)`` and has already drawn the volume and the axis."""
+        epoch, idx = self._key(key)
+        rng = np.random.default_rng([self.seed, epoch, idx])
+        v = int(rng.integers(len(self.volumes)))
+        return epoch, idx, rng, v, self.axes[int(rng.integers(len(self.axes)))]
+
 
 #: Slice-index distributions of the sorting task.
 SORTING_SAMPLERS = ("uniform", "gengauss")
@@ -346,10 +354,7 @@ class SortingBatchDataset(_SliceDataset):
         return rng.choice(n, size=m, replace=False, p=p)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        epoch, idx = self._key(key)
-        rng = np.random.default_rng([self.seed, epoch, idx])
-        v = int(rng.integers(len(self.volumes)))
-        axis = self.axes[int(rng.integers(len(self.axes)))]
+        epoch, idx, rng, v, axis = self._draw(key)
         stack = self.stack(v, axis)
         pos = self.indices(rng, stack.shape[0])
         imgs = stack[pos]
@@ -417,10 +422,7 @@ class TwoViewSliceDataset(_SliceDataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, dict]:
         from tomoloc.transforms import two_views
 
-        epoch, idx = self._key(key)
-        rng = np.random.default_rng([self.seed, epoch, idx])
-        v = int(rng.integers(len(self.volumes)))
-        axis = self.axes[int(rng.integers(len(self.axes)))]
+        epoch, idx, rng, v, axis = self._draw(key)
         stack = self.stack(v, axis)
         i = int(rng.integers(stack.shape[0]))
         a, b = two_views(torch.from_numpy(stack[i][None]), self.views, [self.seed, epoch, idx])
@@ -545,10 +547,7 @@ class RotationPairDataset(_SliceDataset):
         return np.where(self.mask, img, np.float32(0)).astype(np.float32, copy=False)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
-        epoch, idx = self._key(key)
-        rng = np.random.default_rng([self.seed, epoch, idx])
-        v = int(rng.integers(len(self.volumes)))
-        axis = self.axes[int(rng.integers(len(self.axes)))]
+        epoch, idx, rng, v, axis = self._draw(key)
         n = self.volumes[v].shape[axis]
         i = self._ref_index(rng, v, axis)
         j = _twin_index(rng, i, n, self.k)

@@ -29,7 +29,6 @@ A fine-tuning run directory holds::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import warnings
@@ -44,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tomoloc._fsutil import atomic_path, write_text_atomic
+from tomoloc.config import JsonConfig
 from tomoloc.models import ENCODERS
 from tomoloc.sampling import DEFAULT_MAX_VOXELS, _SliceDataset, square_slices
 
@@ -68,7 +68,7 @@ SEG_FORMAT = "tomoloc-segment/1"
 
 
 @dataclass
-class SegConfig:
+class SegConfig(JsonConfig):
     """Everything a fine-tuning run depends on; JSON-serialisable.
 
     Attributes
@@ -97,7 +97,7 @@ class SegConfig:
     max_voxels : int
         Working-copy voxel budget.
     devices, precision : str
-        As :class:`tomoloc.training.TrainConfig`.
+        As :class:`tomoloc.config.TrainConfig`.
     """
 
     classes: tuple[int, ...] = (3,)
@@ -118,7 +118,7 @@ class SegConfig:
     precision: str = "32-true"
 
     def __post_init__(self) -> None:
-        from tomoloc.training import _hardware
+        from tomoloc.config import hardware
 
         self.classes = tuple(int(c) for c in self.classes)
         if not self.classes or len(set(self.classes)) != len(self.classes) or any(not 0 < c < 256 for c in self.classes):
@@ -136,20 +136,9 @@ class SegConfig:
             raise ValueError("batch_size must be >= 2 (batch norm needs two samples)")
         if not 0 <= self.holdout < 1:
             raise ValueError(f"holdout must be in [0, 1), got {self.holdout!r}")
-        _hardware(self.devices, check_cuda=False)
+        hardware(self.devices, check_cuda=False)
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["classes"] = list(self.classes)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SegConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown segmentation config keys: {', '.join(unknown)}")
-        return cls(**d)
+    _what = "segmentation config"
 
 
 def make_segmenter(backbone: str, n_classes: int) -> nn.Module:
@@ -364,7 +353,8 @@ def finetune(volumes: Sequence[Any], labels: Sequence[Any], out_dir: str | os.Pa
     """
     import time
 
-    from tomoloc.training import _hardware, split_volumes
+    from tomoloc.config import hardware
+    from tomoloc.training import split_volumes
 
     if len(volumes) != len(labels):
         raise ValueError(f"{len(volumes)} volume(s) but {len(labels)} label volume(s)")
@@ -374,7 +364,7 @@ def finetune(volumes: Sequence[Any], labels: Sequence[Any], out_dir: str | os.Pa
     out = Path(out_dir)
     if (out / "model.safetensors").exists() and not overwrite:
         raise FileExistsError(f"{out}: already holds a fine-tuned model (overwrite to replace it)")
-    hw = _hardware(config.devices)
+    hw = hardware(config.devices)
     state = None
     if config.encoder is not None:
         from tomoloc.pretrain import load_encoder

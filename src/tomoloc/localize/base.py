@@ -70,7 +70,7 @@ class TrainedModel:
     """Lazy loading of a training run's network for the self-supervised localizers.
 
     The host class provides ``model_dir``, ``which`` and ``device``; the network (eval
-    mode), its :class:`~tomoloc.training.TrainConfig` and the device are loaded on first use.
+    mode), its :class:`~tomoloc.config.TrainConfig` and the device are loaded on first use.
     """
 
     _net: Any
@@ -81,7 +81,7 @@ class TrainedModel:
         if self._net is None:
             from pathlib import Path
 
-            from tomoloc.training import load_model
+            from tomoloc.checkpoints import load_model
 
             dev = resolve_device(self.device)  # type: ignore[attr-defined]
             self._net, self._config = load_model(Path(self.model_dir), which=self.which,  # type: ignore[attr-defined]
