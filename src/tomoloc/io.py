@@ -253,13 +253,16 @@ class _MapBackend(_ArrayBackend):
         out = np.empty((len(zs), rows, cols), self.dtype)
         for k in range(0, len(zs), depth):
             piece = zs[k : k + depth]
-            out[k : k + len(piece)] = self._read_piece((slice(piece.start, piece.stop, piece.step), *box[1:]))
+            self._read_piece((slice(piece.start, piece.stop, piece.step), *box[1:]), out[k : k + len(piece)])
         return out
 
-    def _read_piece(self, box: tuple[slice, ...]) -> np.ndarray:
+    def _read_piece(self, box: tuple[slice, ...], out: np.ndarray | None = None) -> np.ndarray:
         array = self._open_map()
         try:
-            return np.array(array[self.lead + box])
+            if out is None:
+                return np.array(array[self.lead + box])
+            out[...] = array[self.lead + box]  # one copy, straight from the map
+            return out
         finally:
             del array
 

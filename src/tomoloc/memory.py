@@ -9,8 +9,8 @@ therefore fixed by the working copy, not by the volume:
   Measured with ``tracemalloc``: Otsu on a 256^3 float32 working copy peaks at 281 MiB
   including the copy, so with the read block :data:`LOCALIZE_RESERVE` = 384 MiB covers it;
   the self-supervised localizers work on the model's smaller working copy (128^3 by default);
-- cropping: one slab as read, its cast copy, the writer's buffer and the checksum's view,
-  so a slab is at most a quarter of what is left.
+- cropping: one slab as read, its cast copy, the writer's buffer and the previous slab (still
+  being hashed on a background thread), so a slab is at most a quarter of what is left.
 
 The interpreter and the libraries come on top: about 50 MiB for NumPy alone (Otsu), about
 800 MiB once torch (500 MiB resident for the CUDA build, even on a CPU) and Lightning are
