@@ -1,8 +1,8 @@
 """Mapping per-volume work over this process or a Dask distributed cluster.
 
 ``--scheduler local`` starts a :class:`distributed.LocalCluster` of worker *processes* with
-one thread each (the work is NumPy and torch, which bring their own threads; several
-processes also give several budgets of ``--max-memory``). ``--scheduler HOST:PORT`` (or
+one Dask thread each; NumPy and torch inside a worker get ``cores // workers`` threads
+(several processes also give several budgets of ``--max-memory``). ``--scheduler HOST:PORT`` (or
 ``tcp://HOST:PORT``) joins a running scheduler: its workers must see the volumes and the
 output folder under the same paths and have tomoloc installed.
 """
@@ -15,6 +15,8 @@ import os
 from typing import Any, Callable, Iterator, Sequence
 
 __all__ = ["dask_client", "default_workers", "map_unordered"]
+
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 def default_workers() -> int:
@@ -29,14 +31,32 @@ def dask_client(scheduler: str, workers: int | None = None) -> Iterator[Any]:
     ``workers`` sizes a local cluster (default :func:`default_workers`); it must not be given
     with an address, whose cluster has the workers it has.
     """
+    import dask
     from distributed import Client, LocalCluster
 
     if scheduler == "local":
         n = workers or default_workers()
-        # No dashboard: a second job on the same machine must not fight over port 8787.
-        with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                          silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
-            yield client
+        # Dask starts workers with OMP_NUM_THREADS=1, which leaves torch one thread: with one
+        # worker on 2 cores the sorting localizer took 36 s a volume instead of 14 s. Share
+        # the cores among the workers instead (a value the user exported wins).
+        threads = str(max(1, default_workers() // n))
+        saved = {k: os.environ.get(k) for k in _THREAD_VARS}
+        environ = {**dask.config.get("distributed.nanny.pre-spawn-environ"),
+                   **{k: v or threads for k, v in saved.items()}}
+        try:
+            # No dashboard: a second job on the same machine must not fight over port 8787.
+            with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), \
+                    LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                                 silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+                yield client
+        finally:
+            # The nanny writes these into this process's environment before spawning; put
+            # them back so that they do not pass for the user's own settings next time.
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
     else:
         if workers is not None:
             raise ValueError("--workers sizes a local cluster; a running scheduler has its own workers")
