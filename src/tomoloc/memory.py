@@ -13,8 +13,8 @@ therefore fixed by the working copy, not by the volume:
   being hashed on a background thread), so a slab is at most a quarter of what is left.
 
 The interpreter and the libraries come on top: about 50 MiB for NumPy alone (Otsu), about
-800 MiB once torch (500 MiB resident for the CUDA build, even on a CPU) and Lightning are
-loaded for the self-supervised methods. With Dask, every worker process has its own budget.
+770 MiB once torch (500 MiB resident for the CUDA build, even on a CPU), torchvision and a
+model are loaded for the self-supervised methods (localizing never imports Lightning). With Dask, every worker process has its own budget.
 """
 
 from __future__ import annotations
