@@ -133,6 +133,46 @@ def test_run_bad_arguments(batch, tmp_path):
         RunConfig(method="sorting", margin=-2)
 
 
+def test_output_names_disambiguate_same_named_inputs(tmp_path):
+    from tomoloc.crop import output_names
+
+    # Unique stems keep their names (a format change only changes the suffix).
+    assert output_names(["x/a.npy", "y/b.h5"], ["npy", "zarr"]) == ["a.npy", "b.zarr"]
+    # The beamline layout: one folder per sample, every volume named alike.
+    got = output_names(["s/alpha/volume.npy", "s/beta/volume.npy", "s/beta/other.npy"], ["npy"] * 3)
+    assert got == ["alpha_volume.npy", "beta_volume.npy", "other.npy"]
+    # The nearest parent is not enough: two levels are used.
+    got = output_names(["r1/scan/v.h5", "r2/scan/v.h5"], ["h5", "h5"])
+    assert got == ["r1_scan_v.h5", "r2_scan_v.h5"]
+    # A name already used in the folder (a resumed job's) is not reused.
+    assert output_names(["new/a.npy"], ["npy"], taken=["a.npy"]) == ["new_a.npy"]
+    with pytest.raises(ValueError, match="given twice"):
+        output_names(["d/a.npy", "d/a.npy"], ["npy", "npy"])
+
+
+def test_run_and_crop_same_named_volumes_in_separate_folders(batch, tmp_path):
+    import shutil
+
+    d, gt, vols = batch
+    inputs = []
+    for k, v in enumerate(vols[:2]):
+        (tmp_path / f"sample{k}").mkdir()
+        inputs.append(tmp_path / f"sample{k}" / "volume.npy")
+        shutil.copy(v, inputs[-1])
+    res = run("run", *inputs, "--out", tmp_path / "out", "--margin", 2)
+    assert res.exit_code == 0, res.output
+    man = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [Path(r["output"]).name for r in man["volumes"]] == ["sample0_volume.npy", "sample1_volume.npy"]
+    for r, v in zip(man["volumes"], vols):
+        sl = tuple(slice(lo, hi) for lo, hi in r["crop_bbox"])
+        np.testing.assert_array_equal(np.load(r["output"]), np.load(v)[sl])
+    # crop matches each box to its volume by path when names repeat
+    res = run("crop", *inputs, "--boxes", tmp_path / "out" / "boxes.json", "--out", tmp_path / "c", "--margin", 2)
+    assert res.exit_code == 0, res.output
+    for r in man["volumes"]:
+        assert digest(tmp_path / "c" / Path(r["output"]).name) == digest(r["output"])
+
+
 def test_border_touch():
     assert border_touch(((0, 4), (2, 8), (1, 10)), (10, 8, 10)) == ["axis 0 start", "axis 1 end", "axis 2 end"]
     assert border_touch(((1, 4), (2, 7), (1, 9)), (10, 8, 10)) == []

@@ -73,14 +73,18 @@ class BoxRecord:
         return out
 
 
-def volume_key(volume: str | os.PathLike) -> str:
-    """File name of a volume path, ignoring an HDF5 ``:/dataset`` suffix and trailing slashes."""
+def _file_part(volume: str | os.PathLike) -> str:
     s = str(volume).rstrip("/\\")
     # "scan.h5:/exchange/data" -> "scan.h5"
     head, sep, tail = s.rpartition(":/")
     if sep and head and not tail.startswith("/"):
         s = head
-    return Path(s).name
+    return s
+
+
+def volume_key(volume: str | os.PathLike) -> str:
+    """File name of a volume path, ignoring an HDF5 ``:/dataset`` suffix and trailing slashes."""
+    return Path(_file_part(volume)).name
 
 
 def normalize_bbox(bbox: Sequence[Sequence[int]], shape: Sequence[int] | None = None) -> Bbox:
@@ -208,3 +212,30 @@ def index_by_name(records: Iterable[BoxRecord], source: str | os.PathLike = "") 
             raise BoxFileError(f"{source}: two boxes for volumes named {r.name!r}; names must be unique")
         out[r.name] = r
     return out
+
+
+def match_box(records: Sequence[BoxRecord], volume: str | os.PathLike,
+              source: str | os.PathLike = "") -> BoxRecord | None:
+    """The record of ``volume`` among ``records`` (a box file's), or ``None``.
+
+    Matched by file name; where several records share the name (``a/volume.npy``,
+    ``b/volume.npy``), by path: the record's path as written, or relative to the box file
+    ``source``'s folder, must resolve to ``volume``'s.
+
+    Raises
+    ------
+    BoxFileError
+        Several records share the name and none, or more than one, is ``volume``'s path.
+    """
+    key = volume_key(volume)
+    same = [r for r in records if r.name == key]
+    if len(same) <= 1:
+        return same[0] if same else None
+    target = Path(_file_part(volume)).resolve()
+    base = Path(source).parent
+    hits = [r for r in same
+            if target in (Path(_file_part(r.volume)).resolve(), (base / _file_part(r.volume)).resolve())]
+    if len(hits) != 1:
+        raise BoxFileError(f"{source}: {len(same)} boxes for volumes named {key!r} and "
+                           f"{'none' if not hits else len(hits)} for the path {volume}")
+    return hits[0]

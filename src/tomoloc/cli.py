@@ -22,7 +22,7 @@ from rich.table import Table
 
 from tomoloc import __version__, io
 from tomoloc._fsutil import write_text_atomic
-from tomoloc.boxes import BoxFileError, BoxRecord, index_by_name, read_boxes, volume_key, write_boxes
+from tomoloc.boxes import BoxFileError, BoxRecord, index_by_name, match_box, read_boxes, write_boxes
 from tomoloc.localize.base import BadValuesError
 
 
@@ -400,7 +400,7 @@ def crop(
 
     Example: tomoloc crop data/vol_*.npy --boxes boxes.json --out cropped/ --margin 4
     """
-    from tomoloc.crop import crop_item, output_path
+    from tomoloc.crop import crop_item, output_names
     from tomoloc.memory import crop_slab_bytes
 
     _check_scheduler(scheduler, workers)
@@ -408,24 +408,29 @@ def crop(
         slab_bytes = crop_slab_bytes(_max_memory(max_memory))
     except ValueError as exc:
         raise UsageProblem(str(exc)) from None
-    by_name = index_by_name(read_boxes(boxes), boxes)
-    plan = []
+    records = read_boxes(boxes)
+    plan, fmts = [], []
     # Check everything before writing anything: a bad volume must not leave half a batch.
     for v in volumes:
-        rec = by_name.get(volume_key(v))
+        rec = match_box(records, v, boxes)
         if rec is None:
             raise BoxFileError(f"{v}: no box for this volume in {boxes}")
         with io.open_volume(v) as vol:
             if tuple(vol.shape) != tuple(rec.shape):
                 raise BoxFileError(f"{v}: shape {list(vol.shape)} differs from the box file's {list(rec.shape)}")
-            target = output_path(v, out_dir, fmt.value if fmt else vol.format)
-        if target.exists() and not overwrite:
-            raise FileExistsError(f"{target}: already exists (use --overwrite to replace it)")
+            fmts.append(fmt.value if fmt else vol.format)
         plan.append((v, rec))
+    try:
+        names = output_names([v for v, _ in plan], fmts)
+    except ValueError as exc:
+        raise UsageProblem(str(exc)) from None
+    for name in names:
+        if (out_dir / name).exists() and not overwrite:
+            raise FileExistsError(f"{out_dir / name}: already exists (use --overwrite to replace it)")
     t0 = time.perf_counter()
     with _progress() as prog:
         task = prog.add_task("crop", total=len(plan))
-        results = _map_volumes(crop_item, [(v, rec.bbox) for v, rec in plan], out_dir, scheduler=scheduler,
+        results = _map_volumes(crop_item, [(v, rec.bbox, n) for (v, rec), n in zip(plan, names)], out_dir, scheduler=scheduler,
                                workers=workers, advance=lambda: prog.advance(task), margin=margin,
                                fmt=fmt.value if fmt else None, overwrite=overwrite, slab_bytes=slab_bytes)
     rows = [{"volume": v, "output": str(res.output), "bbox": [list(b) for b in res.bbox],

@@ -166,6 +166,44 @@ def output_path(source: str | os.PathLike, out_dir: str | os.PathLike, fmt: str)
     return Path(out_dir) / (stem + io.format_suffix(fmt))
 
 
+def output_names(sources: Sequence[str | os.PathLike], fmts: Sequence[str],
+                 taken: Sequence[str] = ()) -> list[str]:
+    """File names, all distinct, for the crops of ``sources`` in one output folder.
+
+    A crop keeps its source's stem (:func:`output_path`). Sources whose names would clash,
+    as in the common layout ``sample_a/volume.npy``, ``sample_b/volume.npy``, are prefixed
+    with as many of their parent folders' names as it takes: ``sample_a_volume.npy``,
+    ``sample_b_volume.npy``. ``taken`` lists names already used in the folder (by earlier
+    volumes of a resumed job); a source that clashes with one of them is prefixed too.
+
+    Raises
+    ------
+    ValueError
+        Two sources are the same file, so no prefix can tell their crops apart.
+    """
+    plain = [output_path(s, "", f).name for s, f in zip(sources, fmts, strict=True)]
+    names = list(plain)
+    used = set(taken)
+    for name in dict.fromkeys(plain):
+        group = [i for i, n in enumerate(plain) if n == name]
+        if len(group) == 1 and name not in used:
+            continue
+        parents = [Path(io.split_dataset_path(str(sources[i]))[0].rstrip("/\\")).absolute().parent.parts
+                   for i in group]
+        for depth in range(1, max(len(p) for p in parents) + 1):
+            cands = ["_".join(p[-depth:]).lstrip("/\\").replace("/", "_").replace("\\", "_") + "_" + name
+                     for p in parents]
+            if len(set(cands)) == len(cands) and not used.intersection(cands):
+                break
+        else:
+            raise ValueError(f"{sources[group[-1]]}: given twice (its crop would collide with another's)")
+        for i, c in zip(group, cands):
+            names[i] = c
+    for n in names:
+        used.add(n)
+    return names
+
+
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return a.exists() and b.exists() and os.path.samefile(a, b)
@@ -183,6 +221,7 @@ def crop_volume(
     overwrite: bool = False,
     slab_bytes: int | None = None,
     verify: bool = True,
+    name: str | None = None,
 ) -> CropResult:
     """Crop one volume to ``bbox`` grown by ``margin`` and write it to ``out_dir``.
 
@@ -207,6 +246,9 @@ def crop_volume(
     verify : bool
         Re-read the written crop and compare its shape and checksum with the source region's
         (:func:`verify_crop`); the checksum of what was copied is computed on the way.
+    name : str, optional
+        File name of the crop in ``out_dir`` (default: :func:`output_path`'s; see
+        :func:`output_names` for a batch whose sources share a name).
 
     Returns
     -------
@@ -223,7 +265,7 @@ def crop_volume(
         shape = tuple(int(s) for s in vol.shape)
         box = expand_bbox(normalize_bbox(bbox, shape), margin, shape)
         fmt = fmt or vol.format
-        out = output_path(source, out_dir, fmt)
+        out = output_path(source, out_dir, fmt) if name is None else Path(out_dir) / name
         src_file = Path(io.split_dataset_path(str(source))[0])
         if out.resolve() == src_file.resolve() or _same_file(out, src_file):
             raise FileExistsError(f"{out}: refusing to write a crop over its own input volume")
@@ -254,9 +296,10 @@ def crop_volume(
     )
 
 
-def crop_item(item: tuple[str, Sequence[Sequence[int]]], out_dir: str | os.PathLike, **kwargs: Any) -> CropResult:
-    """:func:`crop_volume` of ``item = (source, bbox)`` (the unit of work mapped over Dask workers)."""
-    return crop_volume(item[0], item[1], out_dir, **kwargs)
+def crop_item(item: tuple[str, Sequence[Sequence[int]], str | None], out_dir: str | os.PathLike,
+              **kwargs: Any) -> CropResult:
+    """:func:`crop_volume` of ``item = (source, bbox, name)`` (the unit of work mapped over Dask workers)."""
+    return crop_volume(item[0], item[1], out_dir, name=item[2], **kwargs)
 
 
 def _remove(path: Path) -> None:

@@ -225,7 +225,7 @@ def process_volume(job: VolumeJob, cfg: RunConfig, model_dir: str | None, out_di
         figure = str(fig) if fig is not None else None
         record.extra.pop("details")
     crop = crop_volume(job.volume, bbox, out, margin=cfg.margin, fmt=cfg.format, overwrite=True,
-                       slab_bytes=crop_slab_bytes(cfg.max_memory), verify=True)
+                       slab_bytes=crop_slab_bytes(cfg.max_memory), verify=True, name=Path(job.output).name)
     flags = []
     touch = border_touch(bbox, shape)
     if touch:
@@ -320,18 +320,25 @@ def _still_done(row: dict[str, Any]) -> bool:
 def _plan(inputs: Sequence[str], out: Path, cfg: RunConfig, overwrite: bool, resuming: bool,
           done: dict[str, dict[str, Any]]) -> list[VolumeJob]:
     """Open every input still to do and decide every output before any work (bad input fails first)."""
-    from tomoloc.crop import output_path
+    from tomoloc.crop import output_names
 
-    plan, seen = [], {}
+    todo, shapes, fmts = [], {}, []
+    for v in inputs:
+        if _key(v) in done:
+            continue
+        with io.open_volume(v) as vol:
+            shapes[v] = tuple(int(s) for s in vol.shape)
+            fmts.append(cfg.format or vol.format)
+        todo.append(v)
+    names = dict(zip(todo, output_names(todo, fmts, taken=[Path(r["output"]).name for r in done.values()])))
+    plan = []
     for v in inputs:
         row = done.get(_key(v))
         if row is not None:
             target = Path(row["output"])
             shape = tuple(row["shape"])
         else:
-            with io.open_volume(v) as vol:
-                shape = tuple(int(s) for s in vol.shape)
-                target = output_path(v, out, cfg.format or vol.format)
+            target, shape = out / names[v], shapes[v]
             src = Path(io.split_dataset_path(str(v))[0]).resolve()
             if target.resolve() == src:
                 raise FileExistsError(f"{target}: the crop would overwrite its own input; choose another --out")
@@ -339,9 +346,6 @@ def _plan(inputs: Sequence[str], out: Path, cfg: RunConfig, overwrite: bool, res
             # between writing it and recording it); anywhere else it is someone's file.
             if target.exists() and not overwrite and not resuming:
                 raise FileExistsError(f"{target}: already exists (use --overwrite to replace it)")
-        if target.name in seen:
-            raise ValueError(f"{v}: its crop {target.name} would collide with the crop of {seen[target.name]}")
-        seen[target.name] = v
         plan.append(VolumeJob(str(v), str(target), shape))  # type: ignore[arg-type]
     if not resuming:
         for name in (*_OUTPUT_FILES, "details"):
