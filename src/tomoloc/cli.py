@@ -662,7 +662,7 @@ def pretrain(
     input_size: int = typer.Option(TRAIN_DEFAULTS.input_size, min=16, help="Network input side (slices are resized)."),
     lr: float = typer.Option(TRAIN_DEFAULTS.lr, help="Peak learning rate (AdamW, cosine schedule)."),
     devices: str = typer.Option("auto", help="auto/cpu, gpu, or a number of GPUs (DDP when > 1)."),
-    precision: str = typer.Option("32-true", help="32-true; on GPU also bf16-mixed or 16-mixed."),
+    precision: str = typer.Option("auto", help="auto (bf16-mixed on GPU, 32-true on CPU), 32-true, bf16-mixed, 16-mixed."),
     workers: int = typer.Option(0, min=0, help="Data-loading worker processes."),
     seed: int = typer.Option(0, help="Random seed (weights, split, samples, augmentations)."),
     overwrite: bool = typer.Option(False, help="Replace an earlier run in --out."),
