@@ -199,8 +199,6 @@ def output_names(sources: Sequence[str | os.PathLike], fmts: Sequence[str],
             raise ValueError(f"{sources[group[-1]]}: given twice (its crop would collide with another's)")
         for i, c in zip(group, cands):
             names[i] = c
-    for n in names:
-        used.add(n)
     return names
 
 
