@@ -15,7 +15,7 @@ from test_cli import bad_volume, digest
 from tomoloc import io, pipeline
 from tomoloc.boxes import read_boxes
 from tomoloc.crop import CropVerificationError, crop_volume, region_digest, verify_crop
-from tomoloc.memory import MIN_MAX_MEMORY, crop_slab_bytes, parse_size
+from tomoloc.memory import MIN_MAX_MEMORY, crop_slab_bytes, parse_size, resident_bytes
 from tomoloc.pipeline import RunConfig, VolumeFailures, run_batch
 from tomoloc.preprocess import BadValuesError, working_copy
 from tomoloc.synth import make_phantom
@@ -112,8 +112,11 @@ def test_reading_a_memory_mapped_volume_does_not_keep_it_resident(tmp_path):
     assert growth < 16 * 1024, f"{growth} KiB of the file stayed resident"
 
 
-def test_localize_and_crop_memory_does_not_grow_with_the_volume(tmp_path):
-    # Python-side allocations while localizing and cropping a 32 MiB volume with small slabs.
+def test_localize_and_crop_memory_does_not_grow_with_the_volume(tmp_path, monkeypatch):
+    # Python-side allocations while localizing and cropping a 32 MiB volume with small slabs
+    # (1 MiB reads, shared by two working-copy threads).
+    monkeypatch.setattr(io, "SLAB_BYTES", 2**20)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
     a = np.zeros((64, 256, 512), np.float32)
     a[20:40, 100:150, 200:300] = 1.0
     src = io.save_volume(tmp_path / "big.npy", a)
@@ -130,7 +133,7 @@ def test_localize_and_crop_memory_does_not_grow_with_the_volume(tmp_path):
     assert box == ((20, 40), (100, 150), (200, 300)) or all(lo <= t0 and hi >= t1 for (lo, hi), (t0, t1) in
                                                           zip(box, ((20, 40), (100, 150), (200, 300))))
     assert res.verified and res.shape_after == tuple(hi - lo for lo, hi in box)
-    assert peak < a.nbytes / 4, f"peak {peak} bytes for a {a.nbytes}-byte volume"
+    assert peak < 4 * 2**20, f"peak {peak} bytes for a {a.nbytes}-byte volume (1 MiB slabs)"
 
 
 @pytest.mark.parametrize("fmt", io.FORMATS)
@@ -168,6 +171,12 @@ def test_max_memory_option(tmp_path):
         parse_size("lots")
     assert crop_slab_bytes(2**30) == io.SLAB_BYTES
     assert crop_slab_bytes(MIN_MAX_MEMORY) == 4 * 2**20
+    # What the process already holds comes off the budget; the slab never drops below 4 MiB.
+    assert crop_slab_bytes(2**30, in_use=2**30 - 100 * 2**20) == 25 * 2**20
+    assert crop_slab_bytes(2**30, in_use=2**31) == 4 * 2**20
+    assert crop_slab_bytes(2**30, in_use=0) == io.SLAB_BYTES
+    held = resident_bytes()
+    assert held is None or 10 * 2**20 < held < 2**40
     with pytest.raises(ValueError, match="below the minimum"):
         RunConfig(max_memory=MIN_MAX_MEMORY - 1)
     for bad in ("10M", "lots"):
@@ -203,6 +212,73 @@ def test_a_failing_volume_is_retried_once_and_does_not_stop_the_others(vols, tmp
     man = run_batch(paths, tmp_path / "o", RunConfig(margin=2), log=lambda m: None)
     assert man["done"] == 4 and man["failed"] == 0
     assert len(read_boxes(tmp_path / "o" / "boxes.json")) == 4
+
+
+def test_crop_retries_a_failing_volume_goes_on_and_a_rerun_resumes(vols, tmp_path, monkeypatch):
+    from tomoloc import crop as crop_mod
+
+    _, paths = vols
+    boxes = tmp_path / "b.json"
+    assert run("localize", *paths, "--out", boxes).exit_code == 0
+    real, calls = crop_mod.crop_volume, {}
+
+    def flaky(source, *args, **kwargs):
+        calls[source] = calls.get(source, 0) + 1
+        if source == paths[1] and calls[source] == 1:
+            raise OSError(f"{source}: write failed (transient)")
+        if source == paths[2]:
+            raise OSError(f"{source}: write failed (disk full)")
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(crop_mod, "crop_volume", flaky)
+    out = tmp_path / "c"
+    res = run("crop", *paths, "--boxes", boxes, "--out", out, "--margin", 2)
+    assert res.exit_code == 2 and res.stderr.strip() == f"tomoloc: error: {paths[2]}: write failed (disk full)"
+    man = json.loads((out / "crop_manifest.json").read_text())
+    rows = {r["volume"]: r for r in man["volumes"]}
+    assert [rows[p]["status"] for p in paths] == ["done", "done", "failed", "done"]
+    assert rows[paths[1]]["attempts"] == 2 and rows[paths[2]]["attempts"] == 2 and calls[paths[0]] == 1
+    assert man["done"] == 3 and man["failed"] == 1 and not (out / "v2.npy").exists()
+    # The rerun crops only the failed volume; the others are kept as verified before.
+    monkeypatch.setattr(crop_mod, "crop_volume", real)
+    stamps = {p: (out / Path(p).name).stat().st_mtime_ns for p in (paths[0], paths[1], paths[3])}
+    (out / "v3.npy").write_bytes(b"damaged")  # recorded as done, but no longer as recorded: redone
+    res = run("crop", *paths, "--boxes", boxes, "--out", out, "--margin", 2)
+    assert res.exit_code == 0, res.output
+    assert res.stdout.count("(done earlier)") == 2
+    assert [(out / Path(p).name).stat().st_mtime_ns for p in paths[:2]] == [stamps[p] for p in paths[:2]]
+    man = json.loads((out / "crop_manifest.json").read_text())
+    assert man["done"] == 4 and man["failed"] == 0
+    for p in paths:
+        with io.open_volume(out / Path(p).name) as v:
+            assert region_digest(v) == {r["volume"]: r for r in man["volumes"]}[p]["checksum"]
+    # A different margin is a different crop: the earlier outputs are not silently reused.
+    res = run("crop", *paths, "--boxes", boxes, "--out", out, "--margin", 3)
+    assert res.exit_code == 2 and "already exists" in res.stderr
+
+
+def test_localize_reports_every_failed_volume_retries_and_writes_nothing(vols, tmp_path, monkeypatch):
+    from tomoloc.localize import threshold
+
+    _, paths = vols
+    nan, const = str(bad_volume(tmp_path, "nan")), str(bad_volume(tmp_path, "constant"))
+    real, calls = threshold.OtsuLocalizer.localize, []
+
+    def flaky(self, volume):
+        calls.append(volume.path)
+        if volume.path == paths[0] and calls.count(paths[0]) == 1:
+            raise OSError("read failed (transient)")
+        return real(self, volume)
+
+    monkeypatch.setattr(threshold.OtsuLocalizer, "localize", flaky)
+    out = tmp_path / "b.json"
+    res = run("localize", paths[0], nan, paths[1], const, "--out", out)
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 2 and not out.exists()
+    assert nan in lines[0] and "NaN" in lines[0] and const in lines[1] and "constant" in lines[1]
+    # bad values are not read twice; the transient error was retried and went through
+    assert calls.count(nan) == 1 and calls.count(const) == 1 and calls.count(paths[0]) == 2
+    assert run("localize", paths[0], paths[1], "--out", out).exit_code == 0 and len(read_boxes(out)) == 2
 
 
 def test_a_killed_run_resumes_without_redoing_finished_volumes(vols, tmp_path):
@@ -292,6 +368,27 @@ def test_dask_path_gives_the_serial_boxes(vols, tmp_path, cluster):
     assert all(r["verified"] for r in rows) and [r["volume"] for r in rows] == paths
     assert run("crop", *paths, "--boxes", tmp_path / "bd.json", "--out", tmp_path / "c2",
                "--workers", 2).exit_code == 2  # --workers belongs to --scheduler local
+    # a volume that fails in a worker is reported like in the serial command, and nothing is written
+    for sched in ([], ["--scheduler", cluster]):
+        res = run("localize", paths[0], bad, "--out", tmp_path / "bad.json", *sched)
+        assert res.exit_code == 2 and res.stderr.count("tomoloc: error:") == 1 and "NaN" in res.stderr
+        assert not (tmp_path / "bad.json").exists()
+
+
+def test_watch_over_dask_crops_like_the_serial_job(vols, tmp_path, cluster):
+    d, paths = vols
+    src = tmp_path / "acq"
+    src.mkdir()
+    for p in paths[:2]:
+        (src / Path(p).name).write_bytes(Path(p).read_bytes())
+    lines = []
+    w = Watcher(src, tmp_path / "w", RunConfig(margin=2), stable_seconds=0, log=lines.append, scheduler=cluster)
+    assert w.run(interval=0, max_volumes=2) == 2
+    assert any("over Dask" in line for line in lines) and w._client is None  # closed after the watch
+    ref = run_batch([str(src / Path(p).name) for p in paths[:2]], tmp_path / "serial", RunConfig(margin=2),
+                    log=lambda m: None)
+    got = json.loads((tmp_path / "w" / "manifest.json").read_text())["volumes"]
+    assert sorted((r["bbox"], r["checksum"]) for r in got) == sorted((r["bbox"], r["checksum"]) for r in ref["volumes"])
 
 
 def _thread_env() -> tuple[str | None, int, str | None]:

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tomoloc.preprocess import network_input, normalize, robust_range, suppress_holder
+from tomoloc.preprocess import network_input, normalize, robust_range, suppress_holder, working_copy
 
 
 def test_suppress_holder_removes_what_runs_along_axis_0():
@@ -41,3 +41,20 @@ def test_fill_value_detection_and_normalisation():
     n = normalize(a)
     np.testing.assert_array_equal(n[0], 0.0)  # the fill sits at the 1st-percentile level
     assert -0.05 < n.min() and n.max() < 1.05  # not -2000 / (range) far below the data
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int16, np.int32, np.float32, np.bool_])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_working_copy_is_the_exact_block_mean_for_any_threads_and_block_size(dtype, threads):
+    rng = np.random.default_rng(7)
+    info = np.iinfo(dtype) if np.dtype(dtype).kind in "iu" else None
+    if info is not None:
+        a = rng.integers(info.min, info.max, (13, 17, 19), endpoint=True).astype(dtype)
+    else:
+        a = (rng.random((13, 17, 19)) > 0.5).astype(dtype)
+    for max_voxels in (13 * 17 * 19, 400, 60):
+        wc = working_copy(a, max_voxels=max_voxels, max_bytes=1, threads=threads)  # one band per block
+        f = wc.factor[0]
+        want = np.array([[[a[i:i + f, j:j + f, k:k + f].astype(np.float64).mean()
+                           for k in range(0, 19, f)] for j in range(0, 17, f)] for i in range(0, 13, f)])
+        np.testing.assert_allclose(wc.data, want, rtol=1e-6, atol=1e-6 * float(np.abs(want).max()))

@@ -49,7 +49,8 @@ err = Console(stderr=True)
 USER_ERRORS = (io.VolumeError, BoxFileError, FileExistsError, FileNotFoundError, BadValuesError)
 SCHEDULER_HELP = ("Map volumes over Dask: 'local' (a LocalCluster of --workers processes) or a scheduler "
                   "address such as tcp://host:8786 (workers must see the same paths).")
-MAX_MEMORY_HELP = "Peak memory for one volume's data per process, e.g. 1G or 768M (volumes of any size)."
+MAX_MEMORY_HELP = ("Peak memory per process, e.g. 1G or 768M, whatever the volume size: buffers are sized "
+                   "to what the libraries and the model leave of it.")
 
 
 class UsageProblem(ValueError):
@@ -249,21 +250,21 @@ def localize(
     _check_scheduler(scheduler, workers)
     localizer, cfg = make_localizer(method.value, value, calibrate, max_voxels, model, stride, mc_samples,
                                     top_fraction, seed)
-    from tomoloc.localize import localize_file, localize_files
+    from tomoloc.localize import localize_file
 
     ssl = method.value in ("rotation", "sorting")
     details = out_path.parent / f"{out_path.stem}_details" if ssl else None
     truth_by_name = index_by_name(read_boxes(truth), truth) if truth else {}
+    for v in volumes:  # unreadable or non-3D files fail here, before any work (or a cluster) starts
+        io.open_volume(v).close()
     with _progress() as prog:
         task = prog.add_task(f"localize ({method.value})", total=len(volumes))
-        if scheduler:
-            for v in volumes:  # bad paths fail here, before a cluster starts
-                io.open_volume(v).close()
-            records = _map_volumes(localize_file, volumes, localizer, details is not None, scheduler=scheduler,
-                                   workers=workers, advance=lambda: prog.advance(task))
-        else:
-            records = localize_files(volumes, localizer, lambda _p: prog.advance(task),
-                                     keep_details=details is not None)
+        results = _map_volumes(localize_file, volumes, localizer, details is not None, scheduler=scheduler,
+                               workers=workers, advance=lambda *_: prog.advance(task),
+                               permanent=(io.VolumeError, BadValuesError))
+    # Every volume was tried; a box file is one artifact, so none is written unless all were boxed.
+    _exit_on_failures(_error_lines(volumes, results))
+    records = [r for r, _ in results]
     if details is not None:
         from tomoloc.report import write_details
 
@@ -400,6 +401,7 @@ def crop(
 
     Example: tomoloc crop data/vol_*.npy --boxes boxes.json --out cropped/ --margin 4
     """
+    from tomoloc.boxes import expand_bbox, normalize_bbox
     from tomoloc.crop import crop_item, output_names
     from tomoloc.memory import crop_slab_bytes
 
@@ -424,28 +426,91 @@ def crop(
         names = output_names([v for v, _ in plan], fmts)
     except ValueError as exc:
         raise UsageProblem(str(exc)) from None
-    for name in names:
-        if (out_dir / name).exists() and not overwrite:
-            raise FileExistsError(f"{out_dir / name}: already exists (use --overwrite to replace it)")
+    manifest_path = out_dir / "crop_manifest.json"
+    config = {"command": "crop", "boxes": str(boxes), "margin": margin, "format": fmt.value if fmt else None,
+              "tomoloc": __version__}
+    # A rerun into the same folder keeps crops an earlier run verified and that are still as recorded.
+    rows: list[Any] = [None] * len(plan)
+    replace = [False] * len(plan)
+    earlier = {} if overwrite else _done_crops(manifest_path)
+    for i, ((v, rec), name) in enumerate(zip(plan, names)):
+        crop_box = [list(b) for b in expand_bbox(normalize_bbox(rec.bbox, rec.shape), margin, rec.shape)]
+        row = earlier.get(str(v))
+        if row is not None and row.get("bbox") == crop_box and _still_there(row, out_dir / name):
+            rows[i] = {**row, "resumed": True}
+        elif (out_dir / name).exists() and not overwrite:
+            if not _ours(row, out_dir / name, crop_box):
+                raise FileExistsError(f"{out_dir / name}: already exists (use --overwrite to replace it)")
+            replace[i] = True
+    todo = [i for i, r in enumerate(rows) if r is None]
     t0 = time.perf_counter()
+
+    def record(k: int, res: Any, attempts: int) -> None:
+        i = todo[k]
+        v = plan[i][0]
+        if isinstance(res, BaseException):
+            from tomoloc.pipeline import _error_line
+
+            rows[i] = {"volume": v, "status": "failed", "output": str(out_dir / names[i]),
+                       "error": _error_line(str(v), res), "attempts": attempts}
+        else:
+            rows[i] = {"volume": v, "status": "done", "output": str(res.output), "bbox": [list(b) for b in res.bbox],
+                       "bytes_before": res.bytes_before, "bytes_after": res.bytes_after, "checksum": res.checksum,
+                       "verified": res.verified, "attempts": attempts}
+        _write_crop_manifest(manifest_path, config, rows, t0)  # after every volume: a killed job resumes
+        prog.advance(task)
+
+    items = [(plan[i][0], plan[i][1].bbox, names[i], replace[i]) for i in todo]
     with _progress() as prog:
-        task = prog.add_task("crop", total=len(plan))
-        results = _map_volumes(crop_item, [(v, rec.bbox, n) for (v, rec), n in zip(plan, names)], out_dir, scheduler=scheduler,
-                               workers=workers, advance=lambda: prog.advance(task), margin=margin,
-                               fmt=fmt.value if fmt else None, overwrite=overwrite, slab_bytes=slab_bytes)
-    rows = [{"volume": v, "output": str(res.output), "bbox": [list(b) for b in res.bbox],
-             "bytes_before": res.bytes_before, "bytes_after": res.bytes_after, "checksum": res.checksum,
-             "verified": res.verified} for (v, _), res in zip(plan, results)]
-    before = sum(r.bytes_before for r in results)
-    after = sum(r.bytes_after for r in results)
-    manifest = {"config": {"command": "crop", "boxes": str(boxes), "margin": margin,
-                           "format": fmt.value if fmt else None, "tomoloc": __version__},
-                "volumes": rows, "bytes_before": before, "bytes_after": after,
-                "seconds": round(time.perf_counter() - t0, 3)}
-    write_text_atomic(out_dir / "crop_manifest.json", json.dumps(manifest, indent=1) + "\n")
+        task = prog.add_task("crop", total=len(plan), completed=len(plan) - len(todo))
+        _map_volumes(crop_item, items, out_dir, scheduler=scheduler, workers=workers, advance=record,
+                     permanent=(FileExistsError,), margin=margin, fmt=fmt.value if fmt else None,
+                     overwrite=overwrite, slab_bytes=slab_bytes)
+    manifest = _write_crop_manifest(manifest_path, config, rows, t0)
     for r in rows:
-        out.print(f"{r['volume']} -> {r['output']}: {r['bytes_before']:,} -> {r['bytes_after']:,} bytes")
-    out.print(f"total {before:,} -> {after:,} bytes: reduction {before / max(after, 1):.2f}x")
+        if r["status"] == "done":
+            out.print(f"{r['volume']} -> {r['output']}: {r['bytes_before']:,} -> {r['bytes_after']:,} bytes"
+                      + ("  (done earlier)" if r.get("resumed") else ""))
+    out.print(f"total {manifest['bytes_before']:,} -> {manifest['bytes_after']:,} bytes: reduction "
+              f"{manifest['bytes_before'] / max(manifest['bytes_after'], 1):.2f}x; {manifest['done']} done, "
+              f"{manifest['failed']} failed")
+    _exit_on_failures([r["error"] for r in rows if r["status"] == "failed"])
+
+
+def _done_crops(path: Path) -> dict[str, dict[str, Any]]:
+    """Rows of the crops an earlier ``tomoloc crop`` into the same folder verified, by volume."""
+    if not path.exists():
+        return {}
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        return {str(r["volume"]): r for r in doc["volumes"]
+                if r.get("status", "done") == "done" and r.get("verified")}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FileExistsError(f"{path}: not a readable crop manifest ({exc}); use --overwrite to start afresh") from None
+
+
+def _still_there(row: dict[str, Any], output: Path) -> bool:
+    """The crop an earlier run verified is still at ``output`` with its recorded size."""
+    try:
+        return (Path(row["output"]).resolve() == output.resolve()
+                and io.volume_nbytes_on_disk(output) == row["bytes_after"])
+    except (OSError, KeyError):
+        return False
+
+
+def _ours(row: dict[str, Any] | None, output: Path, crop_box: list[list[int]]) -> bool:
+    """``output`` is the crop of this box that an earlier run wrote (damaged since: redo it)."""
+    return row is not None and row.get("bbox") == crop_box and Path(row["output"]).resolve() == output.resolve()
+
+
+def _write_crop_manifest(path: Path, config: dict[str, Any], rows: list[Any], t0: float) -> dict[str, Any]:
+    done = [r for r in rows if r is not None and r["status"] == "done"]
+    manifest = {"config": config, "volumes": [r for r in rows if r is not None],
+                "done": len(done), "failed": sum(1 for r in rows if r is not None and r["status"] == "failed"),
+                "bytes_before": sum(r["bytes_before"] for r in done), "bytes_after": sum(r["bytes_after"] for r in done),
+                "seconds": round(time.perf_counter() - t0, 3)}
+    write_text_atomic(path, json.dumps(manifest, indent=1) + "\n")
+    return manifest
 
 
 # ------------------------------------------------------------------------------- run
@@ -539,21 +604,32 @@ def _exit_on_failures(lines: list[str]) -> None:
 
 
 def _map_volumes(fn: Callable[..., Any], items: list[Any], *args: Any, scheduler: str | None,
-                 workers: int | None, advance: Callable[[], None], **kwargs: Any) -> list[Any]:
-    """``[fn(item, *args, **kwargs) for item in items]``, over Dask when ``scheduler``; the first
-    error is raised."""
+                 workers: int | None, advance: Callable[[int, Any, int], None],
+                 permanent: tuple[type[BaseException], ...] = (), **kwargs: Any) -> list[tuple[Any, int]]:
+    """``[(fn(item, *args, **kwargs), attempts) for item in items]``, over Dask when ``scheduler``.
+
+    Every item is tried (twice after an error that is not ``permanent``,
+    :func:`tomoloc.cluster.attempt_twice`); a failure is its exception in place of the result,
+    and one failure never stops the others. ``advance(index, result, attempts)`` is called as
+    each item finishes.
+    """
     from contextlib import nullcontext
 
-    from tomoloc.cluster import dask_client, map_unordered
+    from tomoloc.cluster import attempt_twice, dask_client, map_unordered
 
     results: list[Any] = [None] * len(items)
     with dask_client(scheduler, workers) if scheduler else nullcontext() as client:
-        for i, res in map_unordered(fn, items, *args, client=client, **kwargs):
-            if isinstance(res, BaseException):
-                raise res
-            results[i] = res
-            advance()
+        for i, got in map_unordered(attempt_twice, items, fn, *args, client=client, permanent=permanent, **kwargs):
+            # A worker lost twice (Dask's own retries spent) comes back as a bare exception.
+            results[i] = got if isinstance(got, tuple) else (got, 1)
+            advance(i, *results[i])
     return results
+
+
+def _error_lines(volumes: list[str], results: list[tuple[Any, int]]) -> list[str]:
+    from tomoloc.pipeline import _error_line
+
+    return [_error_line(str(v), res) for v, (res, _) in zip(volumes, results) if isinstance(res, BaseException)]
 
 
 # ----------------------------------------------------------------------------- watch
@@ -576,6 +652,8 @@ def watch(
     timeout: Optional[float] = typer.Option(None, min=0.0, help="Stop after this many seconds."),
     max_memory: str = typer.Option("1G", help=MAX_MEMORY_HELP),
     delete_originals: bool = typer.Option(False, help="Delete each input once its crop is verified and recorded."),
+    scheduler: Optional[str] = typer.Option(None, help=SCHEDULER_HELP),
+    workers: Optional[int] = typer.Option(None, min=1, help="Worker processes of --scheduler local (default: CPUs)."),
 ) -> None:
     """Crop each new volume in DIRECTORY once it is complete; a restart resumes from --out.
 
@@ -602,8 +680,10 @@ def watch(
                         delete_originals=delete_originals)
     except ValueError as exc:
         raise UsageProblem(str(exc)) from None
+    _check_scheduler(scheduler, workers)
     w = Watcher(directory, out_dir, cfg, stable_seconds=stable_seconds, done_marker=done_marker,
-                log=lambda m: err.print(m, markup=False, highlight=False, soft_wrap=True))
+                log=lambda m: err.print(m, markup=False, highlight=False, soft_wrap=True),
+                scheduler=scheduler, workers=workers)
     err.print(f"watching {directory} ({name}; complete = "
               + (f"'<name>{done_marker}' exists" if done_marker else f"unchanged for {stable_seconds:g} s")
               + f"); crops into {out_dir}", markup=False, highlight=False, soft_wrap=True)

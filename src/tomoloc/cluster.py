@@ -14,7 +14,7 @@ import logging
 import os
 from typing import Any, Callable, Iterator, Sequence
 
-__all__ = ["dask_client", "default_workers", "map_unordered"]
+__all__ = ["attempt_twice", "dask_client", "default_workers", "local_threads", "map_unordered"]
 
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 _ENV_VARS = (*_THREAD_VARS, "MALLOC_TRIM_THRESHOLD_")
@@ -23,6 +23,20 @@ _ENV_VARS = (*_THREAD_VARS, "MALLOC_TRIM_THRESHOLD_")
 def default_workers() -> int:
     """Worker processes of ``--scheduler local`` when ``--workers`` is not given: the CPU count."""
     return max(1, os.cpu_count() or 1)
+
+
+def local_threads(cap: int = 4) -> int:
+    """Threads this process may use for its own NumPy work (at most ``cap``).
+
+    ``OMP_NUM_THREADS`` when set: a local Dask worker's share of the cores (see
+    :func:`dask_client`), or the user's own limit. Otherwise the CPU count. The cap: past a
+    few threads, reading and averaging slabs is bound by memory bandwidth.
+    """
+    try:
+        n = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        n = default_workers()
+    return max(1, min(cap, n))
 
 
 @contextlib.contextmanager
@@ -97,3 +111,23 @@ def map_unordered(fn: Callable[..., Any], items: Sequence[Any], *args: Any, clie
             yield i, exc
         finally:
             fut.release()
+
+
+def attempt_twice(item: Any, fn: Callable[..., Any], *args: Any,
+                  permanent: tuple[type[BaseException], ...] = (), **kwargs: Any) -> tuple[Any, int]:
+    """``(fn(item, *args, **kwargs), attempts)``, tried a second time after an error.
+
+    ``item`` comes first, as :func:`map_unordered` passes it. Never raises an ``Exception``: after a second failure, or a first one of a type in
+    ``permanent`` (bad values that a second read would find again), the exception is
+    returned in place of the result. Runs where ``fn`` runs (in a Dask worker, the retry
+    happens there, on the worker's own copy of the inputs).
+    """
+    for attempt in (1, 2):
+        try:
+            return fn(item, *args, **kwargs), attempt
+        except permanent as exc:
+            return exc, attempt
+        except Exception as exc:  # noqa: BLE001 - reported per volume by the caller
+            if attempt == 2:
+                return exc, attempt
+    raise AssertionError("unreachable")

@@ -2,28 +2,36 @@
 
 A volume is never held whole: localization reads it in blocks into a working copy of at most
 256^3 float32 voxels, and cropping copies it slab by slab. What the budget has to cover is
-therefore fixed by the working copy, not by the volume:
+therefore fixed by the working copy and the libraries, not by the volume:
 
 - localization: the working copy (64 MiB), the localizer's temporaries on it (labels,
-  masks, normalised copies, network batches) and one read block (at most 64 MiB).
+  masks, normalised copies, network batches) and one read block per thread (64 MiB shared).
   Measured with ``tracemalloc``: Otsu on a 256^3 float32 working copy peaks at 281 MiB
-  including the copy, so with the read block :data:`LOCALIZE_RESERVE` = 384 MiB covers it;
+  including the copy, so with the read blocks :data:`LOCALIZE_RESERVE` = 384 MiB covers it;
   the self-supervised localizers work on the model's smaller working copy (128^3 by default);
-- cropping: one slab as read, its cast copy, the writer's buffer and the previous slab (still
-  being hashed on a background thread), so a slab is at most a quarter of what is left.
+- cropping, once localization is over: one slab as read, its cast copy and the writer's
+  buffer, so a slab is at most a quarter of what the process does not already hold
+  (:func:`crop_slab_bytes` with :func:`resident_bytes`).
 
-The interpreter and the libraries come on top: about 50 MiB for NumPy alone (Otsu), about
-770 MiB once torch (500 MiB resident for the CUDA build, even on a CPU), torchvision and a
-model are loaded for the self-supervised methods (localizing never imports Lightning). With Dask, every worker process has its own budget.
+The interpreter and the libraries are part of the peak: about 50 MiB for NumPy alone (Otsu),
+about 730 MiB once torch (480 MiB resident for the CUDA build, even on a CPU), torchvision
+(160 MiB: it imports torch._dynamo, sympy and triton) and a model are loaded for the
+self-supervised methods (localizing never imports Lightning). Between stages
+:func:`release_freed` hands freed heap back, so the stages' peaks do not stack up. With Dask,
+every worker process has its own budget.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
 import re
 
 from tomoloc.io import SLAB_BYTES
 
-__all__ = ["DEFAULT_MAX_MEMORY", "LOCALIZE_RESERVE", "MIN_MAX_MEMORY", "crop_slab_bytes", "parse_size"]
+__all__ = ["DEFAULT_MAX_MEMORY", "LOCALIZE_RESERVE", "MIN_MAX_MEMORY", "crop_slab_bytes", "parse_size",
+           "release_freed", "resident_bytes"]
 
 #: Default ``--max-memory``: 1 GiB.
 DEFAULT_MAX_MEMORY = 2**30
@@ -46,11 +54,23 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
-def crop_slab_bytes(max_memory: int) -> int:
+def resident_bytes() -> int | None:
+    """This process's resident memory now (Linux ``/proc/self/statm``), or ``None`` elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def crop_slab_bytes(max_memory: int, in_use: int | None = None) -> int:
     """Bytes of one copying slab under a budget of ``max_memory`` bytes.
 
-    At most :data:`tomoloc.io.SLAB_BYTES` (larger slabs copy no faster), at most a quarter
-    of what the localization reserve leaves.
+    A quarter of what the process may still take: ``max_memory`` minus ``in_use``, the
+    bytes it already holds (:func:`resident_bytes` once localization is over: interpreter,
+    libraries, model, figure caches), or minus :data:`LOCALIZE_RESERVE` when unknown. At most
+    :data:`tomoloc.io.SLAB_BYTES` (larger slabs copy no faster), at least 4 MiB (when the
+    libraries alone fill the budget, the slabs cannot make up for them).
 
     Raises
     ------
@@ -60,4 +80,27 @@ def crop_slab_bytes(max_memory: int) -> int:
     if max_memory < MIN_MAX_MEMORY:
         raise ValueError(f"--max-memory {max_memory / 2**20:.0f}M: below the minimum of "
                          f"{MIN_MAX_MEMORY // 2**20}M (the working copy and one slab must fit)")
-    return int(min(SLAB_BYTES, (max_memory - LOCALIZE_RESERVE) // 4))
+    held = LOCALIZE_RESERVE if in_use is None else int(in_use)
+    return int(max(_MIN_SLAB, min(SLAB_BYTES, (max_memory - held) // 4)))
+
+
+def release_freed() -> None:
+    """Hand memory that was freed back to the operating system (glibc's ``malloc_trim``).
+
+    glibc keeps freed blocks in per-thread arenas, so stages that peak one after another
+    (the working copy on two threads, the network's activations, the figures) stack up in
+    the resident set instead of reusing one budget: on a 4 GiB volume with the sorting model
+    the job held 1090 MB after localizing where 806 MB were live. A no-op without glibc.
+    """
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        try:
+            _LIBC = ctypes.CDLL(name) if name else False
+        except OSError:
+            _LIBC = False
+    if _LIBC and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: ctypes.CDLL | bool | None = None

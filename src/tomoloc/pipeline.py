@@ -47,7 +47,7 @@ from typing import Any, Callable, Sequence
 from tomoloc import __version__, io
 from tomoloc._fsutil import atomic_path, write_text_atomic
 from tomoloc.boxes import Bbox, BoxRecord, normalize_bbox, write_boxes
-from tomoloc.memory import DEFAULT_MAX_MEMORY, crop_slab_bytes
+from tomoloc.memory import DEFAULT_MAX_MEMORY, crop_slab_bytes, release_freed, resident_bytes
 from tomoloc.preprocess import BadValuesError
 
 __all__ = ["METHODS", "RESULT_KEYS", "RunConfig", "VolumeFailures", "VolumeJob", "attempt_volume",
@@ -206,6 +206,7 @@ def process_volume(job: VolumeJob, cfg: RunConfig, model_dir: str | None, out_di
     with io.open_volume(job.volume) as vol:
         shape = tuple(int(s) for s in vol.shape)
         res = loc.localize(vol)
+        release_freed()
         bbox = normalize_bbox(res.bbox, shape)
         extra: dict[str, Any] = {"confidence": res.confidence}
         extra.update({k: v for k, v in res.details.items() if isinstance(v, (int, float, str, bool, type(None)))})
@@ -224,8 +225,9 @@ def process_volume(job: VolumeJob, cfg: RunConfig, model_dir: str | None, out_di
         fig = write_details(details, record)
         figure = str(fig) if fig is not None else None
         record.extra.pop("details")
+    release_freed()  # the figures' buffers, before the copy's slabs
     crop = crop_volume(job.volume, bbox, out, margin=cfg.margin, fmt=cfg.format, overwrite=True,
-                       slab_bytes=crop_slab_bytes(cfg.max_memory), verify=True, name=Path(job.output).name)
+                       slab_bytes=crop_slab_bytes(cfg.max_memory, resident_bytes()), verify=True, name=Path(job.output).name)
     flags = []
     touch = border_touch(bbox, shape)
     if touch:
@@ -397,7 +399,7 @@ def run_batch(
     *,
     overwrite: bool = False,
     resume: bool = True,
-    scheduler: str | None = None,
+    scheduler: Any = None,
     workers: int | None = None,
     log: Callable[[str], None] = print,
     on_volume: Callable[[str], None] | None = None,
@@ -419,8 +421,8 @@ def run_batch(
         folder is refused unless ``overwrite``.
     scheduler : str, optional
         ``None``: volumes one after the other in this process; ``"local"``: a Dask
-        LocalCluster of ``workers`` processes; otherwise a Dask scheduler address.
-        Training (self-supervised methods without a model) always runs here first.
+        LocalCluster of ``workers`` processes; otherwise a Dask scheduler address, or a
+        :class:`distributed.Client` the caller keeps open (``tomoloc watch``). Training (self-supervised methods without a model) always runs here first.
     workers : int, optional
         Processes of the local cluster (default: the CPU count).
     log : callable
@@ -511,9 +513,14 @@ def run_batch(
     from tomoloc.cluster import dask_client, map_unordered
 
     mdir = str(model_dir) if model_dir else None
-    with dask_client(scheduler, workers) if scheduler else nullcontext() as client:
+    if scheduler is None or not isinstance(scheduler, str):
+        clients: Any = nullcontext(scheduler)  # this process, or a Client the caller holds open
+    else:
+        clients = dask_client(scheduler, workers)
+    with clients as client:
         if client is not None:
-            log(f"{len(todo)} volume(s) over Dask ({scheduler}, {len(client.scheduler_info()['workers'])} workers)")
+            where = scheduler if isinstance(scheduler, str) else client.scheduler.address
+            log(f"{len(todo)} volume(s) over Dask ({where}, {len(client.scheduler_info()['workers'])} workers)")
         for i, row in map_unordered(attempt_volume, todo, cfg, mdir, str(out), client=client):
             job = todo[i]
             if isinstance(row, BaseException):  # the worker itself was lost

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +42,8 @@ class WorkingCopy:
         return (out[0], out[1], out[2])
 
 
-def working_copy(volume: Any, max_voxels: int = 256**3, max_bytes: int | None = None) -> WorkingCopy:
+def working_copy(volume: Any, max_voxels: int = 256**3, max_bytes: int | None = None,
+                 threads: int | None = None) -> WorkingCopy:
     """Read ``volume`` (Z, Y, X) block by block into a float32 block-mean downsampled copy.
 
     The downsampling factor is the smallest integer ``f`` (same on every axis, so voxels
@@ -49,13 +51,18 @@ def working_copy(volume: Any, max_voxels: int = 256**3, max_bytes: int | None = 
     blocks of ``f`` axial slices by a whole number of ``f``-row bands, each at most
     ``max_bytes`` as float32 (default :data:`tomoloc.io.SLAB_BYTES`; at least one band of
     ``f`` rows, counted at float32 or wider), so memory is the result plus one block whatever the volume's size.
+    ``threads`` blocks (default :func:`tomoloc.cluster.local_threads`) are read and averaged
+    at a time, each within ``max_bytes / threads``. Integer volumes of up to 16 bits are
+    summed exactly; the result is the same for any ``threads`` and ``max_bytes``.
 
     Raises
     ------
     BadValuesError
         If the volume holds NaN/inf or is constant.
     """
+    from tomoloc.cluster import local_threads
     from tomoloc.io import SLAB_BYTES
+    from tomoloc.memory import release_freed
 
     shape = tuple(int(s) for s in volume.shape)
     if len(shape) != 3:
@@ -65,36 +72,82 @@ def working_copy(volume: Any, max_voxels: int = 256**3, max_bytes: int | None = 
         f += 1
     out_shape = tuple(math.ceil(s / f) for s in shape)
     out = np.empty(out_shape, dtype=np.float32)
+    acc = _integer_accumulator(np.dtype(volume.dtype), f)
     row_bytes = f * f * shape[2] * max(4, np.dtype(volume.dtype).itemsize)  # f slices x f rows x X
-    bands = max(1, (SLAB_BYTES if max_bytes is None else int(max_bytes)) // row_bytes)
-    for i in range(out_shape[0]):
+    threads = local_threads() if threads is None else max(1, int(threads))
+    # Each of the blocks in flight (one per thread) gets its share of max_bytes.
+    bands = max(1, (SLAB_BYTES if max_bytes is None else int(max_bytes)) // threads // row_bytes)
+
+    def fill(i: int, j0: int, j1: int) -> None:
         z0 = i * f
-        for j0 in range(0, out_shape[1], bands):
-            j1 = min(j0 + bands, out_shape[1])
-            block = np.asarray(volume[z0 : z0 + f, j0 * f : j1 * f])
-            # Averaged in float32 straight from the stored type (no float copy of the block);
-            # NaN/inf anywhere make the mean non-finite, and only then is the block searched.
-            with np.errstate(over="ignore", invalid="ignore"):  # checked on the next line
-                mean = block.mean(axis=0, dtype=np.float32)
-            if not np.isfinite(mean).all():
-                if not np.isfinite(block).all():
-                    raise BadValuesError(f"volume holds NaN or infinite values "
-                                         f"(first in slices {z0}-{z0 + len(block) - 1})")
-                mean = block.mean(axis=0, dtype=np.float64).astype(np.float32)  # float32 overflow
-            out[i, j0:j1] = _block_mean_2d(mean, f)
+        block = np.asarray(volume[z0 : z0 + f, j0 * f : j1 * f])
+        if acc is not None:
+            # Small integers: exact sums in 32 bits, three times faster than a float mean.
+            total = block[0].astype(acc)
+            for plane in block[1:]:
+                total += plane
+            out[i, j0:j1] = _block_mean_2d(total, f, len(block))
+            return
+        # Averaged in float32 straight from the stored type (no float copy of the block);
+        # NaN/inf anywhere make the mean non-finite, and only then is the block searched.
+        with np.errstate(over="ignore", invalid="ignore"):  # checked on the next line
+            mean = block.mean(axis=0, dtype=np.float32)
+        if not np.isfinite(mean).all():
+            if not np.isfinite(block).all():
+                raise BadValuesError(f"volume holds NaN or infinite values "
+                                     f"(first in slices {z0}-{z0 + len(block) - 1})")
+            mean = block.mean(axis=0, dtype=np.float64).astype(np.float32)  # float32 overflow
+        out[i, j0:j1] = _block_mean_2d(mean, f)
+
+    blocks = [(i, j0, min(j0 + bands, out_shape[1])) for i in range(out_shape[0])
+              for j0 in range(0, out_shape[1], bands)]
+    threads = max(1, min(threads, len(blocks)))
+    if threads == 1:
+        for blk in blocks:
+            fill(*blk)
+    else:
+        # NumPy and the reads release the GIL: two blocks at a time took a 4 GiB uint16
+        # volume from 1.5 s to 0.8-1.0 s on 2 cores. In flight: one task per thread, so memory
+        # is the result plus `threads` blocks.
+        with ThreadPoolExecutor(threads) as pool:
+            pending = set()
+            try:
+                for blk in blocks:
+                    if len(pending) >= threads:
+                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        for fut in done:
+                            fut.result()
+                    pending.add(pool.submit(fill, *blk))
+                for fut in pending:
+                    fut.result()
+            finally:
+                for fut in pending:
+                    fut.cancel()
+    release_freed()  # the blocks' pages, kept in the threads' malloc arenas otherwise
     if float(out.max()) == float(out.min()):
         raise BadValuesError(f"volume is constant (every voxel is {float(out.min()):g})")
     return WorkingCopy(out, (f, f, f), shape)  # type: ignore[arg-type]
 
 
-def _block_mean_2d(img: np.ndarray, f: int) -> np.ndarray:
+def _integer_accumulator(dtype: np.dtype, f: int) -> np.dtype | None:
+    """A 32-bit integer type that sums ``f**3`` values of ``dtype`` exactly, or ``None``."""
+    if dtype.kind not in "iub" or dtype.itemsize > 2:
+        return None
+    acc = np.dtype(np.int32 if dtype.kind == "i" else np.uint32)
+    largest = max(abs(int(np.iinfo(dtype).min)), int(np.iinfo(dtype).max)) if dtype.kind != "b" else 1
+    return acc if f**3 * largest <= np.iinfo(acc).max else None
+
+
+def _block_mean_2d(img: np.ndarray, f: int, planes: int = 1) -> np.ndarray:
+    """float32 means of ``f x f`` blocks of ``img``, itself a sum of ``planes`` slices."""
     if f == 1:
-        return img
+        return (img / planes).astype(np.float32) if planes != 1 else img.astype(np.float32, copy=False)
     h, w = img.shape
-    # float64: exact enough sums, no float32 overflow. Zero padding to whole blocks, then f
-    # strided additions per axis (much faster than a reduction over a reshaped axis); the
-    # partial edge blocks are divided by the voxels they really have.
-    padded = np.zeros((-(-h // f) * f, -(-w // f) * f))
+    # Integer sums stay in their (exact) type; float ones go to float64 (no float32 overflow).
+    # Zero padding to whole blocks, then f strided additions per axis (much faster than a
+    # reduction over a reshaped axis); the partial edge blocks are divided by the voxels
+    # they really have.
+    padded = np.zeros((-(-h // f) * f, -(-w // f) * f), img.dtype if img.dtype.kind in "iu" else np.float64)
     padded[:h, :w] = img
     cols = padded[:, 0::f].copy()
     for k in range(1, f):
@@ -104,7 +157,7 @@ def _block_mean_2d(img: np.ndarray, f: int) -> np.ndarray:
         sums += cols[k::f]
     rows = np.minimum(f, h - np.arange(0, h, f))
     ncols = np.minimum(f, w - np.arange(0, w, f))
-    return (sums / np.outer(rows, ncols)).astype(np.float32)
+    return (sums / (np.outer(rows, ncols) * planes)).astype(np.float32)
 
 
 def fill_value(data: np.ndarray, min_fraction: float = 0.01) -> float | None:

@@ -17,6 +17,7 @@ is not retried by the same watcher unless its file changes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -65,6 +66,10 @@ class Watcher:
         Receives one line per volume (done or failed) and per volume that cannot be read.
     clock : callable
         Seconds, monotonic; tests drive :meth:`poll` with explicit times instead.
+    scheduler, workers : optional
+        Crop over Dask (see :func:`tomoloc.pipeline.run_batch`): the volumes that became complete
+        in one scan go to the workers together. :meth:`run` keeps one cluster (or connection)
+        open for the whole watch.
     """
 
     directory: Path
@@ -74,7 +79,10 @@ class Watcher:
     done_marker: str | None = None
     log: Callable[[str], None] = print
     clock: Callable[[], float] = time.monotonic
+    scheduler: str | None = None
+    workers: int | None = None
     processed: int = 0
+    _client: Any = field(default=None, repr=False)
     _seen: dict[str, tuple[tuple[int, int], float]] = field(default_factory=dict)
     _given_up: dict[str, tuple[int, int]] = field(default_factory=dict)
 
@@ -149,7 +157,8 @@ class Watcher:
         if not ready:
             return []
         try:
-            run_batch(ready, self.out, self.config, resume=True, log=self.log, report=False)
+            run_batch(ready, self.out, self.config, resume=True, log=self.log, report=False,
+                      scheduler=self._client or self.scheduler, workers=None if self._client else self.workers)
         except VolumeFailures as exc:
             for line in exc.lines:
                 vol = next((r for r in ready if line.startswith(r)), None)
@@ -169,6 +178,16 @@ class Watcher:
         Writes ``report.html`` when it stops (also on Ctrl-C). Returns the volumes taken.
         """
         start = self.clock()
+        with contextlib.ExitStack() as stack:
+            if self.scheduler is not None:
+                from tomoloc.cluster import dask_client
+
+                self._client = stack.enter_context(dask_client(self.scheduler, self.workers))
+                stack.callback(setattr, self, "_client", None)
+            return self._loop(start, interval, max_volumes, timeout, sleep)
+
+    def _loop(self, start: float, interval: float, max_volumes: int | None, timeout: float | None,
+              sleep: Callable[[float], None]) -> int:
         try:
             while True:
                 self.poll()

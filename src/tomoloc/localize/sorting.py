@@ -25,6 +25,7 @@ import torch
 from scipy import ndimage
 
 from tomoloc.localize.base import Localization, TrainedModel, largest_component_bbox
+from tomoloc.memory import release_freed
 from tomoloc.preprocess import network_input, working_copy
 
 STATISTICS = ("embedding", "score")
@@ -203,7 +204,11 @@ class SortingLocalizer(TrainedModel):
     axes : sequence of int, optional
         Slicing axes; default: the axes the model was trained on. With several axes the
         per-axis maps are rank-normalised and averaged before the top fraction is taken.
-    which, device, batch_size : see :class:`tomoloc.localize.rotation.RotationLocalizer`.
+    which, device : see :class:`tomoloc.localize.rotation.RotationLocalizer`.
+    batch_size : int, optional
+        Slices per forward pass; default 16 on a CPU (as fast as 32 on 2 cores, and about
+        100 MB less peak memory on a 4 GiB volume: the dilated encoder's activations), 128 on
+        a GPU.
     seed : int
         Seeds the dropout masks.
     """
@@ -215,12 +220,17 @@ class SortingLocalizer(TrainedModel):
     axes: Sequence[int] | None = None
     which: str = "best"
     device: str = "auto"
-    batch_size: int = 32
+    batch_size: int | None = None
     seed: int = 0
     statistic: str = "embedding"
     name: str = "sorting"
     _net: Any = field(default=None, init=False, repr=False)
     _config: Any = field(default=None, init=False, repr=False)
+
+    def _batch(self) -> int:
+        if self.batch_size is not None:
+            return int(self.batch_size)
+        return 16 if torch.device(self._dev).type == "cpu" else 128
 
     def score_volume(self, data: np.ndarray) -> tuple[np.ndarray, dict[int, np.ndarray]]:
         """Uncertainty on the working-copy grid ``data.shape``, and the raw per-axis maps."""
@@ -230,8 +240,9 @@ class SortingLocalizer(TrainedModel):
         raw, grids = {}, []
         for a in axes:
             m = variance_maps(self._net, data, a, cfg.input_size, self.mc_samples, self.output_stride,
-                              self.batch_size, self.seed + a, self._dev, self.statistic)
+                              self._batch(), self.seed + a, self._dev, self.statistic)
             raw[a] = m
+            release_freed()  # so that the next axis's activations reuse these pages
             g = superpixels_to_grid(m, a, data.shape, cfg.input_size, self.output_stride)
             grids.append(g if len(axes) == 1 else _ranks(g))
         return np.mean(grids, axis=0) if len(grids) > 1 else grids[0], raw
