@@ -9,9 +9,10 @@ therefore fixed by the working copy and the libraries, not by the volume:
   Measured with ``tracemalloc``: Otsu on a 256^3 float32 working copy peaks at 281 MiB
   including the copy, so with the read blocks :data:`LOCALIZE_RESERVE` = 384 MiB covers it;
   the self-supervised localizers work on the model's smaller working copy (128^3 by default);
-- cropping, once localization is over: one slab as read, its cast copy and the writer's
-  buffer, so a slab is at most a quarter of what the process does not already hold
-  (:func:`crop_slab_bytes` with :func:`resident_bytes`).
+- cropping, once localization is over: a slab's file pages while they are mapped, the slab as
+  read, the writer's copy and the allocator's slack. On a 4 GiB volume the copy peaked about
+  three slabs above where it started, so a slab is a sixth of what the process does not
+  already hold (:func:`crop_slab_bytes` with :func:`resident_bytes`).
 
 The interpreter and the libraries are part of the peak: about 50 MiB for NumPy alone (Otsu),
 about 730 MiB once torch (480 MiB resident for the CUDA build, even on a CPU), torchvision
@@ -38,8 +39,9 @@ DEFAULT_MAX_MEMORY = 2**30
 #: Bytes kept for localization (see the module docstring).
 LOCALIZE_RESERVE = 384 * 2**20
 _MIN_SLAB = 4 * 2**20
-#: The smallest budget accepted: the reserve plus four minimal slabs.
-MIN_MAX_MEMORY = LOCALIZE_RESERVE + 4 * _MIN_SLAB
+_SLAB_SHARE = 6  # a slab is this fraction of what is left (see the module docstring)
+#: The smallest budget accepted: the reserve plus the minimal slabs.
+MIN_MAX_MEMORY = LOCALIZE_RESERVE + _SLAB_SHARE * _MIN_SLAB
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
@@ -66,7 +68,7 @@ def resident_bytes() -> int | None:
 def crop_slab_bytes(max_memory: int, in_use: int | None = None) -> int:
     """Bytes of one copying slab under a budget of ``max_memory`` bytes.
 
-    A quarter of what the process may still take: ``max_memory`` minus ``in_use``, the
+    A sixth of what the process may still take: ``max_memory`` minus ``in_use``, the
     bytes it already holds (:func:`resident_bytes` once localization is over: interpreter,
     libraries, model, figure caches), or minus :data:`LOCALIZE_RESERVE` when unknown. At most
     :data:`tomoloc.io.SLAB_BYTES` (larger slabs copy no faster), at least 4 MiB (when the
@@ -81,7 +83,7 @@ def crop_slab_bytes(max_memory: int, in_use: int | None = None) -> int:
         raise ValueError(f"--max-memory {max_memory / 2**20:.0f}M: below the minimum of "
                          f"{MIN_MAX_MEMORY // 2**20}M (the working copy and one slab must fit)")
     held = LOCALIZE_RESERVE if in_use is None else int(in_use)
-    return int(max(_MIN_SLAB, min(SLAB_BYTES, (max_memory - held) // 4)))
+    return int(max(_MIN_SLAB, min(SLAB_BYTES, (max_memory - held) // _SLAB_SHARE)))
 
 
 def release_freed() -> None:
