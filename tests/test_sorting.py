@@ -98,6 +98,7 @@ def test_dilated_encoder_is_exact_at_the_original_positions():
             assert fine.shape == (2, 512, 64 // stride, 64 // stride)
             torch.testing.assert_close(fine[:, :, ::k, ::k], coarse, rtol=1e-5, atol=1e-5)
     assert net.encoder.layer4[0].conv1.stride == (2, 2)  # the original is untouched
+    assert e.layer4[0].conv1.weight is net.encoder.layer4[0].conv1.weight  # its weights are shared, not copied
     with pytest.raises(ValueError):
         dilate(net.encoder, 4)
 
