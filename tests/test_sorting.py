@@ -153,3 +153,15 @@ def test_sorting_training_beats_random_order(tmp_path):
     random_md = (16 * 16 - 1) / (3 * 16)  # 5.3
     assert float(rows[-1]["val_md"]) < 0.5 * random_md
     assert float(rows[-1]["val_loss"]) < float(rows[0]["val_loss"])
+
+
+def test_variance_maps_do_not_depend_on_the_batch_size():
+    torch.manual_seed(0)
+    net = SortingNet("resnet18", dropout=0.2).eval()
+    vol = np.random.default_rng(0).random((9, 20, 24)).astype(np.float32)
+    maps = [variance_maps(net, vol, 1, 32, mc_samples=3, batch_size=b, seed=5) for b in (1, 4, 64)]
+    assert maps[0].shape == (20, 4, 4) and (maps[0] > 0).all()
+    for m in maps[1:]:
+        np.testing.assert_allclose(m, maps[0], rtol=1e-5, atol=1e-9)
+    other = variance_maps(net, vol, 1, 32, mc_samples=3, batch_size=4, seed=6)
+    assert not np.allclose(other, maps[0])  # the seed does change the masks

@@ -131,7 +131,6 @@ def variance_maps(
         raise ValueError(f"mc_samples must be >= 2 to estimate a variance, got {mc_samples}")
     enc = dilate(net.encoder, output_stride).to(device).eval()
     p = float(net.dropout.p)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
     w = net.head.weight.detach().to(device).double().reshape(1, -1, 1, 1)
     stack = square_slices(volume, axis, input_size)
     out = []
@@ -139,9 +138,8 @@ def variance_maps(
         x = torch.from_numpy(stack[i:i + batch_size][:, None]).to(device)
         f = enc.layer3(enc.layer2(enc.layer1(enc.maxpool(enc.relu(enc.bn1(enc.conv1(x)))))))
         total = sq = None
-        for _ in range(mc_samples):
-            # Masks drawn on the CPU from a seeded generator: the same on every device.
-            keep = (torch.rand(f.shape, generator=gen) >= p).to(device=device, dtype=f.dtype)
+        for t in range(mc_samples):
+            keep = _dropout_masks(seed, range(i, i + len(x)), t, f.shape[1:], p).to(device=device, dtype=f.dtype)
             e = enc.layer4(f * keep / (1 - p)).double()
             if statistic == "score":
                 e = (e * w).sum(dim=1, keepdim=True)
@@ -151,6 +149,18 @@ def variance_maps(
         var = (sq / mc_samples - mean * mean).clamp_min(0) * mc_samples / (mc_samples - 1)
         out.append(var.mean(dim=1).float().cpu().numpy())
     return np.concatenate(out)
+
+
+def _dropout_masks(seed: int, slices: Sequence[int], t: int, shape: Sequence[int], p: float) -> torch.Tensor:
+    """Keep-masks ``(len(slices), *shape)`` of pass ``t``: slice ``s``'s mask is drawn on the CPU
+    from a generator seeded by ``(seed, s, t)``, so it is the same whatever the batch size or
+    device (a CPU batch of 16 and a GPU batch of 128 give the same variance maps)."""
+    masks = []
+    for s in slices:
+        state = int(np.random.SeedSequence([seed, s, t]).generate_state(1, np.uint64)[0]) >> 1
+        gen = torch.Generator(device="cpu").manual_seed(state)
+        masks.append(torch.rand(tuple(shape), generator=gen) >= p)
+    return torch.stack(masks)
 
 
 def top_region(score: np.ndarray, fraction: float) -> tuple[np.ndarray, float]:
