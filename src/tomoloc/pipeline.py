@@ -258,18 +258,14 @@ def attempt_volume(job: VolumeJob, cfg: RunConfig, model_dir: str | None, out_di
     Never raises: a volume that fails gets a row with ``status`` ``"failed"`` and a one-line
     ``error``. NaN or constant values fail at once (a second read finds the same values).
     """
+    from tomoloc.cluster import attempt_twice
+
     t0 = time.perf_counter()
-    for attempt in (1, 2):
-        try:
-            row = process_volume(job, cfg, model_dir, out_dir)
-            row["attempts"] = attempt
-            return row
-        except BadValuesError as exc:
-            return _failed(job, _error_line(job.volume, exc), attempt, t0)
-        except Exception as exc:  # noqa: BLE001 - every volume stands alone
-            if attempt == 2:
-                return _failed(job, _error_line(job.volume, exc), attempt, t0)
-    raise AssertionError("unreachable")
+    row, attempts = attempt_twice(job, process_volume, cfg, model_dir, out_dir, permanent=(BadValuesError,))
+    if isinstance(row, BaseException):
+        return _failed(job, _error_line(job.volume, row), attempts, t0)
+    row["attempts"] = attempts
+    return row
 
 
 def _failed(job: VolumeJob, error: str, attempts: int, t0: float) -> dict[str, Any]:
