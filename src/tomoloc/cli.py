@@ -406,8 +406,9 @@ def crop(
     from tomoloc.memory import crop_slab_bytes
 
     _check_scheduler(scheduler, workers)
+    budget = _max_memory(max_memory)
     try:
-        slab_bytes = crop_slab_bytes(_max_memory(max_memory))
+        crop_slab_bytes(budget)  # validates the budget
     except ValueError as exc:
         raise UsageProblem(str(exc)) from None
     records = read_boxes(boxes)
@@ -465,7 +466,7 @@ def crop(
         task = prog.add_task("crop", total=len(plan), completed=len(plan) - len(todo))
         _map_volumes(crop_item, items, out_dir, scheduler=scheduler, workers=workers, advance=record,
                      permanent=(FileExistsError,), margin=margin, fmt=fmt.value if fmt else None,
-                     overwrite=overwrite, slab_bytes=slab_bytes)
+                     overwrite=overwrite, max_memory=budget)
     manifest = _write_crop_manifest(manifest_path, config, rows, t0)
     for r in rows:
         if r["status"] == "done":

@@ -281,12 +281,19 @@ def crop_volume(
     )
 
 
-def crop_item(item: tuple[Any, ...], out_dir: str | os.PathLike, **kwargs: Any) -> CropResult:
+def crop_item(item: tuple[Any, ...], out_dir: str | os.PathLike, max_memory: int | None = None,
+              **kwargs: Any) -> CropResult:
     """:func:`crop_volume` of ``item = (source, bbox, name[, replace])`` (the unit of work
     mapped over Dask workers); ``replace`` true overwrites this item's output whatever
-    ``kwargs["overwrite"]`` says (a crop an earlier run wrote and that was damaged since)."""
+    ``kwargs["overwrite"]`` says (a crop an earlier run wrote and that was damaged since).
+    ``max_memory`` sizes the slabs from what the process running it holds
+    (:func:`tomoloc.memory.crop_slab_bytes`)."""
+    from tomoloc.memory import crop_slab_bytes, resident_bytes
+
     if len(item) > 3 and item[3]:
         kwargs = {**kwargs, "overwrite": True}
+    if max_memory is not None:
+        kwargs = {**kwargs, "slab_bytes": crop_slab_bytes(max_memory, resident_bytes())}
     return crop_volume(item[0], item[1], out_dir, name=item[2], **kwargs)
 
 
