@@ -38,28 +38,22 @@ class BoxStyle:
 VIEW_PIXELS = 384
 
 
-def _view_steps(shape: Sequence[int], axis: int, max_pixels: int | None) -> tuple[int, int]:
-    """Read steps along the two in-plane axes of a slice along ``axis`` (rows, then columns)."""
-    return tuple(max(1, int(shape[a]) // max_pixels) if max_pixels else 1  # type: ignore[return-value]
-                 for a in range(3) if a != axis)
+def _read_view(volume: Any, axis: int, index: int) -> tuple[np.ndarray, tuple[int, int], tuple[float, ...]]:
+    """``volume``'s slice ``index`` along ``axis`` as shown in a figure: ``(image, steps, extent)``.
 
-
-def _extent(n_rows: int, n_cols: int, steps: tuple[int, int]) -> tuple[float, float, float, float]:
-    """imshow extent that puts pixel ``(i, j)`` of a strided read on voxel ``(i * sr, j * sc)``."""
-    sr, sc = steps
-    return (-sc / 2, n_cols * sc - sc / 2, n_rows * sr - sr / 2, -sr / 2)
-
-
-def _read_slice(volume: Any, axis: int, index: int, max_pixels: int | None = None) -> np.ndarray:
-    """``volume``'s slice ``index`` along ``axis``; with ``max_pixels``, every ``n // max_pixels``-th
-    voxel of an in-plane side of ``n`` (a 1440-voxel side is read every 3rd voxel).
-
-    On a large volume a full-resolution coronal or sagittal slice touches every page of the
-    file, and matplotlib's resampling of it held 150 MB; the figure cannot show those pixels.
+    Every ``n // VIEW_PIXELS``-th voxel of an in-plane side of ``n`` is read (a 1440-voxel
+    side every 3rd voxel): on a large volume a full-resolution coronal or sagittal slice
+    touches every page of the file, and matplotlib's resampling of it held 150 MB, while a
+    panel shows about 280 pixels. ``steps`` are the (row, column) read steps; ``extent`` is
+    the imshow extent that puts pixel ``(i, j)`` on voxel ``(i * steps[0], j * steps[1])``, so
+    boxes drawn in voxel coordinates land where they are.
     """
-    steps = iter(_view_steps(volume.shape, axis, max_pixels))
-    key: list[Any] = [index if a == axis else slice(None, None, next(steps)) for a in range(3)]
-    return np.asarray(volume[tuple(key)], dtype=np.float32)
+    sr, sc = (max(1, int(volume.shape[a]) // VIEW_PIXELS) for a in range(3) if a != axis)
+    key: list[Any] = [slice(None, None, sr), slice(None, None, sc)]
+    key.insert(axis, index)
+    img = np.asarray(volume[tuple(key)], dtype=np.float32)
+    rows, cols = img.shape
+    return img, (sr, sc), (-sc / 2, cols * sc - sc / 2, rows * sr - sr / 2, -sr / 2)
 
 
 def orthoviews(
@@ -87,11 +81,10 @@ def draw_orthoviews(
             [(lo + hi) // 2 for lo, hi in boxes[0].bbox] if boxes else [s // 2 for s in shape]
         )
     for ax, (name, axis, (ra, ca)) in zip(axes, VIEWS):
-        img = _read_slice(volume, axis, int(np.clip(center[axis], 0, shape[axis] - 1)), VIEW_PIXELS)
+        img, _, extent = _read_view(volume, axis, int(np.clip(center[axis], 0, shape[axis] - 1)))
         lo, hi = np.percentile(img, [1, 99.5]) if img.size else (0, 1)
-        # In voxel coordinates whatever the read step, so that boxes draw where they are.
         ax.imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, interpolation="nearest",
-                  extent=_extent(*img.shape, _view_steps(shape, axis, VIEW_PIXELS)))
+                  extent=extent)
         for b in boxes:
             (r0, r1), (c0, c1) = b.bbox[ra], b.bbox[ca]
             # Half-open voxel intervals: the edge of voxel r0 is at r0 - 0.5 in imshow pixels.
@@ -291,9 +284,7 @@ def variance_figure(
     top, bottom = fig.subfigures(2, 1)
     vmax = float(np.max(score)) if np.size(score) else 1.0
     for ax, (name, axis, _) in zip(top.subplots(1, 3), VIEWS):
-        steps = _view_steps(shape, axis, VIEW_PIXELS)
-        img = _read_slice(volume, axis, center[axis], VIEW_PIXELS)
-        extent = _extent(*img.shape, steps)
+        img, steps, extent = _read_view(volume, axis, center[axis])
         lo, hi = np.percentile(img, [1, 99.5]) if img.size else (0, 1)
         ax.imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, interpolation="nearest",
                   extent=extent)
