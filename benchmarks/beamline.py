@@ -1,6 +1,6 @@
 """Beamline scale: `tomoloc run` on one big volume against `cp`, and volumes per hour over Dask.
 
-    python benchmarks/beamline.py [--gb 4] [--methods sorting otsu] [--n-rate 4] [--workers 1 2]
+    python benchmarks/beamline.py [--gb 4] [--methods sorting multiotsu otsu] [--n-rate 4] [--workers 1 2]
                                   [--skip-big] [--skip-rate] [--tmp DIR]
 
 1. Trains a small sorting model on 4 synthetic volumes of 64x96x96 (2 epochs x 20 steps,
@@ -130,7 +130,7 @@ def bench_big(tmp: Path, model: Path, gb: float, methods: list[str]) -> list[str
     copy, out = tmp / "copy.npy", tmp / "out"
 
     def run_cmd(method: str) -> list[str]:
-        extra = ["--model", str(model)] if method != "otsu" else []
+        extra = ["--model", str(model)] if method == "sorting" else []
         return tomoloc("run", str(big), "--out", str(out), "--method", method, "--device", "cpu", *extra)
 
     for method in methods:
@@ -189,7 +189,7 @@ def bench_rate(tmp: Path, model: Path, n: int, workers: list[int]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gb", type=float, default=4.0)
-    ap.add_argument("--methods", nargs="+", default=["sorting", "otsu"], choices=["sorting", "otsu"])
+    ap.add_argument("--methods", nargs="+", default=["sorting", "multiotsu"], choices=["sorting", "multiotsu", "otsu"])
     ap.add_argument("--n-rate", type=int, default=4)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--skip-big", action="store_true")

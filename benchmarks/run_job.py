@@ -1,6 +1,6 @@
 """`tomoloc run` on a synthetic mixed batch: storage saved with no sample voxel cut, and wall time.
 
-    python benchmarks/run_job.py [--methods otsu sorting] [--n 24]
+    python benchmarks/run_job.py [--methods multiotsu otsu sorting] [--n 24]
 
 1. Synthesizes a mixed batch (seed 22, 64x96x96, masks as ground truth).
 2. Per method, localizes every volume (self-supervised methods train on the batch itself,
@@ -25,7 +25,7 @@ import numpy as np
 
 from _common import update_section
 from tomoloc.boxes import expand_bbox, read_boxes
-from tomoloc.localize import OtsuLocalizer, localize_files
+from tomoloc.localize import MultiOtsuLocalizer, OtsuLocalizer, localize_files
 from tomoloc.pipeline import RunConfig, run_batch
 from tomoloc.synth import write_batch
 
@@ -47,8 +47,8 @@ def crop_stats(boxes, truth, root: Path, margin: int) -> tuple[float, float, flo
 
 def localize(method: str, paths: list[str], tmp: Path) -> tuple[list, float]:
     t0 = time.perf_counter()
-    if method == "otsu":
-        recs = localize_files(paths, OtsuLocalizer())
+    if method in ("otsu", "multiotsu"):
+        recs = localize_files(paths, OtsuLocalizer() if method == "otsu" else MultiOtsuLocalizer())
     else:
         from tomoloc.training import TrainConfig, quiet_lightning, train
 
@@ -68,7 +68,8 @@ def localize(method: str, paths: list[str], tmp: Path) -> tuple[list, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--methods", nargs="+", default=["otsu"], choices=["otsu", "sorting", "rotation"])
+    ap.add_argument("--methods", nargs="+", default=["multiotsu", "otsu"],
+                    choices=["multiotsu", "otsu", "sorting", "rotation"])
     ap.add_argument("--n", type=int, default=24)
     args = ap.parse_args()
     default = RunConfig()

@@ -262,7 +262,7 @@ def test_localize_reports_every_failed_volume_retries_and_writes_nothing(vols, t
 
     _, paths = vols
     nan, const = str(bad_volume(tmp_path, "nan")), str(bad_volume(tmp_path, "constant"))
-    real, calls = threshold.OtsuLocalizer.localize, []
+    real, calls = threshold.MultiOtsuLocalizer.localize, []
 
     def flaky(self, volume):
         calls.append(volume.path)
@@ -270,7 +270,7 @@ def test_localize_reports_every_failed_volume_retries_and_writes_nothing(vols, t
             raise OSError("read failed (transient)")
         return real(self, volume)
 
-    monkeypatch.setattr(threshold.OtsuLocalizer, "localize", flaky)
+    monkeypatch.setattr(threshold.MultiOtsuLocalizer, "localize", flaky)
     out = tmp_path / "b.json"
     res = run("localize", paths[0], nan, paths[1], const, "--out", out)
     lines = res.stderr.strip().splitlines()

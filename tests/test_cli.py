@@ -63,6 +63,12 @@ def test_localize_evaluate_crop(batch, tmp_path):
     assert [r.volume for r in recs] == vols and all(r.method == "otsu" for r in recs)
     assert json.loads(boxes.read_text())["config"]["method"] == "otsu"
 
+    # no --method: multi-Otsu, and its threshold rule is recorded per volume
+    res = run("localize", *vols, "--out", tmp_path / "default.json")
+    assert res.exit_code == 0, res.output
+    recs_default = read_boxes(tmp_path / "default.json")
+    assert all(r.method == "multiotsu" and r.extra["threshold_rule"] in ("multiotsu", "otsu") for r in recs_default)
+
     res = run("evaluate", boxes, "--truth", gt, "--json")
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)

@@ -3,12 +3,16 @@ import pytest
 
 from tomoloc.localize import (
     BadValuesError,
+    MultiOtsuLocalizer,
     OtsuLocalizer,
     ThresholdLocalizer,
     calibrate_threshold,
     working_copy,
 )
-from tomoloc.localize.base import largest_component_bbox
+from skimage.filters import threshold_otsu
+
+from tomoloc.localize.base import components_bbox, largest_component_bbox
+from tomoloc.localize.threshold import multiotsu_threshold
 
 
 def easy_volume(seed=0, shape=(24, 32, 40), box=((5, 15), (8, 20), (10, 31))):
@@ -92,3 +96,94 @@ def test_otsu_ignores_the_fill_outside_the_field_of_view():
     vol[outside] = -2000.0  # a clinical scanner's padding value
     # Without the fill rule Otsu splits padding from everything else: the whole field of view.
     assert OtsuLocalizer().localize(vol).bbox == box
+
+
+def table_volume(seed=0):
+    """Air 0, a soft sample at 1 (6x8x10 = 480 voxels), a much denser slab (a scanner table) at 4."""
+    vol, box = easy_volume(seed=seed, box=((8, 14), (6, 14), (12, 22)))
+    vol[:, 28:31, :] += 4.0  # 24 x 3 x 40 = 2,880 voxels: larger and brighter than the sample
+    return vol, box
+
+
+def test_otsu_loses_the_sample_to_a_denser_slab():
+    # The failure MultiOtsuLocalizer exists for: Otsu splits the slab from everything else.
+    vol, _ = table_volume()
+    assert OtsuLocalizer().localize(vol).bbox == ((0, 24), (28, 31), (0, 40))
+
+
+def test_multiotsu_keeps_the_sample_beside_a_denser_slab():
+    vol, box = table_volume()
+    loc = MultiOtsuLocalizer().localize(vol)
+    assert loc.method == "multiotsu" and loc.confidence == 1.0
+    assert 0.1 < loc.details["threshold"] < 0.9  # between air and the sample, not below the slab
+    assert loc.details["threshold_rule"] == "multiotsu"
+    # Both objects are kept (the slab is the largest, the sample 1/6 of it): too big, never cut.
+    assert loc.bbox == ((0, 24), (box[1][0], 31), (0, 40))
+    # With a stricter size rule only the slab would be left: the rule is what saves the sample.
+    assert MultiOtsuLocalizer(min_fraction=0.5).localize(vol).bbox == ((0, 24), (28, 31), (0, 40))
+
+
+def test_multiotsu_ignores_a_bright_speck_and_finds_the_cube():
+    vol, box = easy_volume()
+    vol[0, 0, 0] = 5.0  # one voxel: far below a tenth of the sample's size
+    assert MultiOtsuLocalizer().localize(vol).bbox == box
+
+
+def test_multiotsu_threshold_hand_computed_levels_and_fallback():
+    rng = np.random.default_rng(0)
+    levels = np.repeat([0.0, 1.0, 4.0], [6000, 1000, 3000])
+    values = (levels + rng.normal(0.0, 0.05, levels.size)).astype(np.float32)
+    t, rule = multiotsu_threshold(values)
+    assert 0.1 < t < 0.9 and rule == "multiotsu"  # background against everything above it
+    assert 1.1 < threshold_otsu(values) < 3.9  # plain Otsu puts the sample with the background
+    # Two levels only: three classes do not exist, Otsu's single threshold is used.
+    two = np.repeat([0.0, 2.0], [50, 50]).astype(np.float32)
+    assert multiotsu_threshold(two) == (pytest.approx(threshold_otsu(two)), "otsu")
+
+
+def test_multiotsu_threshold_does_not_split_a_noise_peak():
+    # Air with noise and one object: three classes would cut the air's peak in two, and
+    # half the air would become foreground. That threshold is not in a valley, so the
+    # threshold separates the air from the object.
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(0.0, 0.05, 20_000), rng.normal(1.0, 0.05, 4_000)]).astype(np.float32)
+    t, rule = multiotsu_threshold(values)
+    assert rule in ("background", "otsu") and 0.15 < t < 0.85
+    assert (values > t).sum() == pytest.approx(4_000, abs=10)
+
+
+def test_multiotsu_threshold_background_rule_keeps_a_sample_overlapping_the_medium():
+    # No air: a medium that fills the field of view (with a dark tail, as reconstructions
+    # have), a sample a little denser that overlaps it, and a large dense table. The
+    # lowest three-class threshold falls in the dark tail, not in a valley; Otsu's lies
+    # above the sample; the background rule (medium peak + 4 sigma, about 1.4) keeps most
+    # of the sample and none of the medium.
+    rng = np.random.default_rng(0)
+    medium, sample = rng.normal(1.0, 0.1, 60_000), rng.normal(1.6, 0.15, 15_000)
+    values = np.concatenate([medium, sample, rng.normal(8.0, 0.4, 25_000), rng.uniform(-3.0, 0.7, 5_000)])
+    values = values.astype(np.float32)
+    assert (sample > threshold_otsu(values)).mean() < 0.01  # Otsu: the sample is background
+    t, rule = multiotsu_threshold(values)
+    assert rule == "background" and t == pytest.approx(1.4, abs=0.1)
+    assert (sample > t).mean() > 0.8 and (medium > t).mean() < 0.002
+
+
+def test_components_bbox_keeps_every_large_component():
+    b = np.zeros((10, 10, 10), bool)
+    b[0:4, 0:4, 0:4] = True  # 64 voxels, the largest
+    b[6:9, 6:9, 6:8] = True  # 18 voxels: 28% of the largest
+    b[9, 0, 9] = True  # 1 voxel: 1.6%
+    assert components_bbox(b, 0.1) == ((0, 9), (0, 9), (0, 8))
+    assert components_bbox(b, 0.5) == largest_component_bbox(b) == ((0, 4), (0, 4), (0, 4))
+    assert components_bbox(b, 0.0) == ((0, 10), (0, 9), (0, 10))
+    assert components_bbox(np.zeros((3, 3, 3), bool), 0.1) is None
+
+
+def test_multiotsu_is_not_thrown_by_a_few_extreme_voxels():
+    # 27 voxels at 100x the sample: unclipped, the 256 histogram bins would put air and
+    # sample in the same bin. Otsu (unclipped, as other tools use it) keeps the metal alone.
+    vol, box = easy_volume(shape=(40, 48, 48))
+    vol[30:33, 40:43, 40:43] = 100.0
+    assert OtsuLocalizer().localize(vol).bbox == ((30, 33), (40, 43), (40, 43))
+    loc = MultiOtsuLocalizer().localize(vol)
+    assert all(lo <= tlo and hi >= thi for (lo, hi), (tlo, thi) in zip(loc.bbox, box))

@@ -72,13 +72,16 @@ def test_run_otsu_crops_reports_and_never_touches_inputs(batch, tmp_path):
     # other options are refused (resuming would mix two configurations), and change nothing
     stamp = (out / "manifest.json").stat().st_mtime_ns
     res = run("run", *vols, "--out", out, "--method", "otsu")
-    one_error_line(res, "another configuration", "margin 3 -> 8", "--overwrite")
+    one_error_line(res, "another configuration", "margin 3 -> 4", "--overwrite")
     res = run("run", *vols, "--out", out, "--method", "otsu", "--margin", 3, "--no-resume")
     one_error_line(res, "already holds", "--overwrite")
     assert (out / "manifest.json").stat().st_mtime_ns == stamp
     assert [digest(v) for v in vols] == before
-    assert run("run", *vols, "--out", out, "--method", "otsu", "--overwrite").exit_code == 0
-    assert json.loads((out / "manifest.json").read_text())["config"]["margin"] == 8
+    # the defaults: multi-Otsu boxes, 4 voxels of margin
+    assert run("run", *vols, "--out", out, "--overwrite").exit_code == 0
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["config"]["margin"] == 4 and man["config"]["method"] == "multiotsu"
+    assert all(row["status"] == "done" and row["verified"] for row in man["volumes"])
 
 
 def test_run_in_another_format(batch, tmp_path):

@@ -94,6 +94,7 @@ class Format(str, Enum):
 
 
 class Method(str, Enum):
+    multiotsu = "multiotsu"
     otsu = "otsu"
     threshold = "threshold"
     rotation = "rotation"
@@ -111,6 +112,7 @@ class Sampling(str, Enum):
 
 
 class RunMethod(str, Enum):
+    multiotsu = "multiotsu"
     sorting = "sorting"
     rotation = "rotation"
     otsu = "otsu"
@@ -172,7 +174,7 @@ def make_localizer(method: str, value: float | None = None, calibrate: Path | No
                    stride: int = 1, mc_samples: int = 10, top_fraction: float = 0.1,
                    seed: int = 0) -> tuple[Any, dict[str, Any]]:
     """Build the localizer a CLI invocation asks for; returns it and its config."""
-    from tomoloc.localize import OtsuLocalizer, ThresholdLocalizer, calibrate_threshold
+    from tomoloc.localize import MultiOtsuLocalizer, OtsuLocalizer, ThresholdLocalizer, calibrate_threshold
 
     if method == "sorting":
         if model is None:
@@ -200,10 +202,14 @@ def make_localizer(method: str, value: float | None = None, calibrate: Path | No
                      "extend": loc.extend}
     if model is not None:
         raise UsageProblem("--model belongs to the self-supervised methods (--method rotation or sorting)")
-    if method == "otsu":
+    if method in ("otsu", "multiotsu"):
         if value is not None or calibrate is not None:
             raise UsageProblem("--value and --calibrate belong to --method threshold")
-        return OtsuLocalizer(max_voxels=max_voxels), {"method": "otsu", "max_voxels": max_voxels}
+        if method == "otsu":
+            return OtsuLocalizer(max_voxels=max_voxels), {"method": "otsu", "max_voxels": max_voxels}
+        mloc = MultiOtsuLocalizer(max_voxels=max_voxels)
+        return mloc, {"method": "multiotsu", "classes": mloc.classes, "min_fraction": mloc.min_fraction,
+                      "max_voxels": max_voxels}
     if (value is None) == (calibrate is None):
         raise UsageProblem("--method threshold needs exactly one of --value V or --calibrate ground_truth.json")
     cfg: dict[str, Any] = {"method": "threshold", "max_voxels": max_voxels}
@@ -226,7 +232,7 @@ def make_localizer(method: str, value: float | None = None, calibrate: Path | No
 @_user_errors
 def localize(
     volumes: list[str] = typer.Argument(..., help="Volume files (npy, tif, TIFF-slice folder, h5[:/path], zarr)."),
-    method: Method = typer.Option(Method.otsu, help="Localization method."),
+    method: Method = typer.Option(Method.multiotsu, help="Localization method (see the README for which to pick)."),
     out_path: Path = typer.Option(Path("boxes.json"), "--out", help="Box file to write."),
     value: Optional[float] = typer.Option(None, help="Threshold value (method threshold)."),
     calibrate: Optional[Path] = typer.Option(None, help="Calibrate the threshold on this ground_truth.json."),
@@ -245,7 +251,7 @@ def localize(
     Self-supervised methods also write, per volume, their certainty profiles or variance
     maps (.npz) and a figure (.png) into OUT's sibling folder <out-stem>_details/.
 
-    Example: tomoloc localize data/vol_*.npy --method otsu --out boxes.json
+    Example: tomoloc localize data/vol_*.npy --out boxes.json
     """
     _check_scheduler(scheduler, workers)
     localizer, cfg = make_localizer(method.value, value, calibrate, max_voxels, model, stride, mc_samples,
@@ -520,8 +526,8 @@ def _write_crop_manifest(path: Path, config: dict[str, Any], rows: list[Any], t0
 def run_cmd(
     volumes: list[str] = typer.Argument(..., help="Volumes to box and crop (any supported format)."),
     out_dir: Path = typer.Option(..., "--out", help="Output folder: crops, boxes.json, manifest.json, report.html."),
-    method: RunMethod = typer.Option(RunMethod.otsu, help="Localization method (see the README for which to pick)."),
-    margin: int = typer.Option(8, min=0, help="Voxels kept on both sides of every axis around the box."),
+    method: RunMethod = typer.Option(RunMethod.multiotsu, help="Localization method (see the README for which to pick)."),
+    margin: int = typer.Option(4, min=0, help="Voxels kept on both sides of every axis around the box."),
     model: Optional[Path] = typer.Option(None, help="Reuse this trained run instead of training on the batch."),
     epochs: Optional[int] = typer.Option(None, min=1, help="Training epochs (default: the training default)."),
     steps: Optional[int] = typer.Option(None, min=1, help="Training steps per epoch."),
@@ -540,7 +546,7 @@ def run_cmd(
     A volume that fails is reported (one line each, exit status 2) and the others go on; a
     rerun into the same --out resumes, skipping volumes already done.
 
-    Example: tomoloc run scans/*.h5 --out cropped/ --margin 8
+    Example: tomoloc run scans/*.h5 --out cropped/ --margin 4
     """
     from tomoloc.pipeline import RunConfig, VolumeFailures, run_batch
 
@@ -639,9 +645,9 @@ def _error_lines(volumes: list[str], results: list[tuple[Any, int]]) -> list[str
 def watch(
     directory: Path = typer.Argument(..., help="Folder the acquisition writes volumes into."),
     out_dir: Path = typer.Option(..., "--out", help="Job folder (crops, manifest.json: the watcher's state)."),
-    model: Optional[Path] = typer.Option(None, help="Trained run (its task is the method); none: otsu."),
+    model: Optional[Path] = typer.Option(None, help="Trained run (its task is the method); none: multiotsu."),
     method: Optional[RunMethod] = typer.Option(None, help="Localization method (default: the model's task)."),
-    margin: int = typer.Option(8, min=0, help="Voxels kept on both sides of every axis around the box."),
+    margin: int = typer.Option(4, min=0, help="Voxels kept on both sides of every axis around the box."),
     fmt: Optional[Format] = typer.Option(None, "--format", help="Output format (default: each input's)."),
     device: str = typer.Option("auto", help="auto (GPU when available) or cpu."),
     seed: int = typer.Option(0, help="Random seed (dropout masks)."),
@@ -662,7 +668,7 @@ def watch(
 
     Example: tomoloc watch /beamline/scans --model runs/sort --out /beamline/cropped
     """
-    from tomoloc.pipeline import RunConfig
+    from tomoloc.pipeline import THRESHOLD_METHODS, RunConfig
     from tomoloc.watch import Watcher
 
     if model is not None and not (model / "config.json").is_file():
@@ -672,8 +678,8 @@ def watch(
     elif model is not None:
         name = json.loads((model / "config.json").read_text(encoding="utf-8"))["config"]["task"]
     else:
-        name = "otsu"
-    if name != "otsu" and model is None:
+        name = "multiotsu"
+    if name not in THRESHOLD_METHODS and model is None:
         raise UsageProblem(f"--method {name} needs --model RUN_DIR (train it first: tomoloc train --task {name})")
     try:
         cfg = RunConfig(method=name, margin=margin, model=str(model) if model else None, seed=seed,
@@ -885,7 +891,7 @@ def demo(
     n: int = typer.Option(8, "--n", min=2, help="Volumes to synthesize (half calibrate the threshold)."),
     shape: tuple[int, int, int] = typer.Option((64, 96, 96), help="Volume shape Z Y X."),
     seed: int = typer.Option(0, help="Random seed."),
-    margin: int = typer.Option(8, min=0, help="Crop margin in voxels (as tomoloc run)."),
+    margin: int = typer.Option(4, min=0, help="Crop margin in voxels (as tomoloc run)."),
     epochs: int = typer.Option(4, min=1, help="Rotation-model training epochs."),
     steps: int = typer.Option(50, min=1, help="Training steps per epoch."),
 ) -> None:

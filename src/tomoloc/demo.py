@@ -15,7 +15,13 @@ from tomoloc import __version__, io
 from tomoloc._fsutil import write_text_atomic
 from tomoloc.boxes import BoxRecord, read_boxes, write_boxes
 from tomoloc.evaluate import COLUMNS, evaluate, mean_row
-from tomoloc.localize import OtsuLocalizer, ThresholdLocalizer, calibrate_threshold, localize_files
+from tomoloc.localize import (
+    MultiOtsuLocalizer,
+    OtsuLocalizer,
+    ThresholdLocalizer,
+    calibrate_threshold,
+    localize_files,
+)
 from tomoloc.report import BoxStyle, ReportEntry, figure_png, orthoviews, write_details, write_report
 
 MARKER = "demo_config.json"
@@ -39,7 +45,7 @@ def run_demo(
     n: int = 8,
     shape: Sequence[int] = (64, 96, 96),
     seed: int = 0,
-    margin: int = 8,
+    margin: int = 4,
     epochs: int = 4,
     steps: int = 50,
     console: Console | None = None,
@@ -92,7 +98,7 @@ def run_demo(
                       f"{time.perf_counter() - t1:.0f} s: {runs[task]}")
 
     methods = {"rotation": RotationLocalizer(runs["rotation"]), "sorting": SortingLocalizer(runs["sorting"]),
-               "otsu": OtsuLocalizer(), "threshold": ThresholdLocalizer(value)}
+               "multiotsu": MultiOtsuLocalizer(), "otsu": OtsuLocalizer(), "threshold": ThresholdLocalizer(value)}
     truth_by_name = {r.name: r for r in truth}
     boxes: dict[str, list[BoxRecord]] = {}
     rows: list[dict[str, Any]] = []
@@ -145,6 +151,7 @@ def run_demo(
         styles = [BoxStyle(t.bbox, "truth", "#34c759", "--"),
                   BoxStyle(r.bbox, "rotation", "#ff3b30"),
                   BoxStyle(boxes["sorting"][i].bbox, "sorting", "#af52de", "-"),
+                  BoxStyle(boxes["multiotsu"][i].bbox, "multiotsu", "#8e8e93", "-"),
                   BoxStyle(boxes["otsu"][i].bbox, "otsu", "#ff9500", "-."),
                   BoxStyle(boxes["threshold"][i].bbox, "threshold (calibrated)", "#0a84ff", ":")]
         with io.open_volume(out_dir / r.volume) as vol:
@@ -165,7 +172,7 @@ def run_demo(
         out_dir / "report.html", "tomoloc demo", entries,
         summary=[{k: v for k, v in r.items() if k != "volume"} for r in rows],
         intro=(f"Synthetic mixed batch (seed {seed}); green dashed = true box, red = rotation, purple = "
-               f"sorting (both self-supervised), orange = Otsu, blue dotted = threshold calibrated on {n_cal} "
+               f"sorting (both self-supervised), grey = multi-Otsu (the batch job's default), orange = Otsu, blue dotted = threshold calibrated on {n_cal} "
                "labelled volumes. Below each: the rotation model's certainty profiles and the sorting "
                "model's MC-dropout variance. The crops and the batch job's own report are in run/."),
     )

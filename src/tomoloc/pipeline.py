@@ -50,10 +50,12 @@ from tomoloc.boxes import Bbox, BoxRecord, normalize_bbox, write_boxes
 from tomoloc.memory import DEFAULT_MAX_MEMORY, crop_slab_bytes, release_freed, resident_bytes
 from tomoloc.preprocess import BadValuesError
 
-__all__ = ["METHODS", "RESULT_KEYS", "RunConfig", "VolumeFailures", "VolumeJob", "attempt_volume",
-           "border_touch", "process_volume", "run_batch", "write_report"]
+__all__ = ["METHODS", "RESULT_KEYS", "THRESHOLD_METHODS", "RunConfig", "VolumeFailures", "VolumeJob",
+           "attempt_volume", "border_touch", "process_volume", "run_batch", "write_report"]
 
-METHODS = ("sorting", "rotation", "otsu")
+METHODS = ("multiotsu", "sorting", "rotation", "otsu")
+#: Methods that need no trained model.
+THRESHOLD_METHODS = ("multiotsu", "otsu")
 _OUTPUT_FILES = ("boxes.json", "manifest.json", "report.html", "run_config.json")
 #: The :class:`RunConfig` fields that decide a job's results: a resumed job must match them.
 RESULT_KEYS = ("method", "margin", "model", "epochs", "steps", "seed", "format", "low_confidence")
@@ -68,8 +70,9 @@ class RunConfig:
     Attributes
     ----------
     method : str
-        ``"sorting"``, ``"rotation"`` (self-supervised; trained on the batch unless
-        ``model`` is given) or ``"otsu"``.
+        ``"multiotsu"`` (the default: thresholding built not to cut the sample, see
+        :class:`tomoloc.localize.MultiOtsuLocalizer`), ``"sorting"``, ``"rotation"``
+        (self-supervised; trained on the batch unless ``model`` is given) or ``"otsu"``.
     margin : int
         Voxels added to both sides of every axis of the box before cropping (clipped to the
         volume). A crop must err on the side of too big.
@@ -92,8 +95,8 @@ class RunConfig:
         Delete each input once its crop has been verified and recorded.
     """
 
-    method: str = "otsu"
-    margin: int = 8
+    method: str = "multiotsu"
+    margin: int = 4
     model: str | None = None
     epochs: int | None = None
     steps: int | None = None
@@ -109,7 +112,7 @@ class RunConfig:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.margin < 0:
             raise ValueError(f"margin must be >= 0, got {self.margin}")
-        if self.model is not None and self.method == "otsu":
+        if self.model is not None and self.method in THRESHOLD_METHODS:
             raise ValueError("--model belongs to the self-supervised methods (sorting, rotation)")
         if self.format is not None and self.format not in io.FORMATS:
             raise ValueError(f"unknown format {self.format!r}")
@@ -170,6 +173,10 @@ def _localizer(cfg: RunConfig, model_dir: str | None) -> Any:
         from tomoloc.localize import OtsuLocalizer
 
         loc: Any = OtsuLocalizer()
+    elif cfg.method == "multiotsu":
+        from tomoloc.localize import MultiOtsuLocalizer
+
+        loc = MultiOtsuLocalizer()
     elif cfg.method == "sorting":
         from tomoloc.localize.sorting import SortingLocalizer
 
@@ -178,7 +185,7 @@ def _localizer(cfg: RunConfig, model_dir: str | None) -> Any:
         from tomoloc.localize.rotation import RotationLocalizer
 
         loc = RotationLocalizer(Path(model_dir), device=cfg.device)  # type: ignore[arg-type]
-    if cfg.method != "otsu" and loc.config.task != cfg.method:
+    if cfg.method not in THRESHOLD_METHODS and loc.config.task != cfg.method:
         raise ValueError(f"--model {model_dir}: trained for the {loc.config.task} task, not {cfg.method}")
     _LOCALIZERS[key] = loc
     return loc
@@ -218,7 +225,7 @@ def process_volume(job: VolumeJob, cfg: RunConfig, model_dir: str | None, out_di
     with atomic_path(views) as tmp:
         tmp.write_bytes(png)
     figure = None
-    if cfg.method != "otsu":
+    if cfg.method not in THRESHOLD_METHODS:
         from tomoloc.report import write_details
 
         record.extra["details"] = res.details
@@ -349,7 +356,7 @@ def _plan(inputs: Sequence[str], out: Path, cfg: RunConfig, overwrite: bool, res
         for name in (*_OUTPUT_FILES, "details"):
             if (out / name).exists() and not overwrite:
                 raise FileExistsError(f"{out / name}: already exists (use --overwrite to replace it)")
-        if cfg.model is None and cfg.method != "otsu" and (out / "model").exists() and not overwrite:
+        if cfg.model is None and cfg.method not in THRESHOLD_METHODS and (out / "model").exists() and not overwrite:
             raise FileExistsError(f"{out / 'model'}: already exists (use --overwrite, or --model {out / 'model'} "
                                   "to reuse it)")
     return plan
@@ -467,7 +474,7 @@ def run_batch(
     try:
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "run_config.json", json.dumps(doc, indent=1) + "\n")
-        if cfg.method != "otsu" and model_dir is None:
+        if cfg.method not in THRESHOLD_METHODS and model_dir is None:
             model_dir = out / "model"
             if trained and (model_dir / "checkpoints" / "best.ckpt").is_file():
                 log(f"reusing the model this job trained in {model_dir}")

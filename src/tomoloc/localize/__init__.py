@@ -12,12 +12,18 @@ from tomoloc.localize.base import (
     localize_files,
     working_copy,
 )
-from tomoloc.localize.threshold import OtsuLocalizer, ThresholdLocalizer, calibrate_threshold
+from tomoloc.localize.threshold import (
+    MultiOtsuLocalizer,
+    OtsuLocalizer,
+    ThresholdLocalizer,
+    calibrate_threshold,
+)
 
 __all__ = [
     "BadValuesError",
     "Localization",
     "Localizer",
+    "MultiOtsuLocalizer",
     "OtsuLocalizer",
     "ThresholdLocalizer",
     "calibrate_threshold",

@@ -57,6 +57,26 @@ def largest_component_bbox(binary: np.ndarray) -> Bbox | None:
     return tuple((s.start, s.stop) for s in sl)  # type: ignore[return-value]
 
 
+def components_bbox(binary: np.ndarray, min_fraction: float) -> Bbox | None:
+    """Box around every 6-connected component of at least ``min_fraction`` of the largest's size.
+
+    ``min_fraction=1`` keeps only the largest (ties: all of them). A sample in pieces (fins
+    cut off by the threshold, several embryos) stays whole, and a stray object larger than
+    the sample (a scanner table, a lump of debris) makes the box too big, not wrong.
+    ``None`` if ``binary`` is empty.
+    """
+    labels, n = ndimage.label(binary)
+    if n == 0:
+        return None
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    keep = sizes >= min_fraction * sizes.max()
+    keep[0] = False
+    objects = ndimage.find_objects(labels)
+    sl = [objects[i - 1] for i in np.flatnonzero(keep)]
+    return tuple((min(s[a].start for s in sl), max(s[a].stop for s in sl)) for a in range(3))  # type: ignore[return-value]
+
+
 def resolve_device(device: str) -> Any:
     """``torch.device`` for ``"auto"`` (the GPU when there is one, else the CPU) or a device name."""
     import torch  # late: the thresholding localizers do not need torch
