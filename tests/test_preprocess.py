@@ -43,6 +43,22 @@ def test_fill_value_detection_and_normalisation():
     assert -0.05 < n.min() and n.max() < 1.05  # not -2000 / (range) far below the data
 
 
+def test_saturated_air_is_data_not_fill():
+    # An 8-bit export whose air saturated at 0: 40% zeros, and the next values are 1, 2, ...
+    # Taken as fill, the air would leave the histogram and thresholds would fall inside the sample.
+    from tomoloc.preprocess import fill_value
+
+    rng = np.random.default_rng(0)
+    a = np.concatenate([np.zeros(4000), rng.integers(1, 30, 2000), rng.integers(120, 256, 4000)]).astype(np.uint8)
+    assert fill_value(a) is None
+    b = a.astype(np.int16)
+    b[:4000] = -2000  # the same voxels as a padding value far below the data: fill
+    assert fill_value(b) == -2000.0
+    # 1% of the range is the least gap: 0 below data from 3 to 255 is fill (gap 3 > 2.5)
+    c = np.concatenate([np.zeros(500), rng.integers(3, 256, 9500)]).astype(np.uint8)
+    assert fill_value(c) == 0.0 and fill_value(np.full(100, 7.0)) is None
+
+
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int16, np.int32, np.float32, np.bool_])
 @pytest.mark.parametrize("threads", [1, 3])
 def test_working_copy_is_the_exact_block_mean_for_any_threads_and_block_size(dtype, threads):

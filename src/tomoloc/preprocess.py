@@ -160,18 +160,26 @@ def _block_mean_2d(img: np.ndarray, f: int, planes: int = 1) -> np.ndarray:
     return (sums / (np.outer(rows, ncols) * planes)).astype(np.float32)
 
 
-def fill_value(data: np.ndarray, min_fraction: float = 0.01) -> float | None:
+def fill_value(data: np.ndarray, min_fraction: float = 0.01, min_gap: float = 0.01) -> float | None:
     """The constant written outside the reconstruction's field of view, or ``None``.
 
     Reconstructions pad the corners outside the circular field of view with one value
-    (0, -1000, -2000 ...). It is the volume's minimum, and no measured region is exactly
-    constant, so a minimum held by at least ``min_fraction`` of the voxels is taken as fill.
-    Thresholds and intensity ranges must ignore it: it is not data, and a -2000 border
-    drags Otsu's threshold below air.
+    (0, -1000, -2000 ...). It is the volume's minimum, no measured region is exactly
+    constant, and it lies apart from the measured values. So a minimum held by at least
+    ``min_fraction`` of the voxels, with a gap of at least ``min_gap`` of the other values'
+    0.1-99.9th percentile range up to the next value, is taken as fill. Thresholds and
+    intensity ranges must ignore it: it is not data, and a -2000 border drags Otsu's
+    threshold below air. The gap keeps air that an 8-bit export saturated at 0 (next
+    value 1 of 255) as data: left out, the thresholds would fall inside the sample.
     """
-    a = np.asarray(data)
+    a = np.asarray(data).ravel()
     lo = a.min()
-    return float(lo) if np.count_nonzero(a == lo) >= min_fraction * a.size else None
+    at_min = a == lo
+    if np.count_nonzero(at_min) < min_fraction * a.size or at_min.all():
+        return None
+    rest = a[~at_min]
+    p_lo, p_hi = np.percentile(rest, [0.1, 99.9])
+    return float(lo) if rest.min() - lo >= min_gap * max(float(p_hi - p_lo), 1e-12) else None
 
 
 def measured_values(data: np.ndarray) -> np.ndarray:

@@ -57,12 +57,14 @@ def largest_component_bbox(binary: np.ndarray) -> Bbox | None:
     return tuple((s.start, s.stop) for s in sl)  # type: ignore[return-value]
 
 
-def components_bbox(binary: np.ndarray, min_fraction: float) -> Bbox | None:
-    """Box around every 6-connected component of at least ``min_fraction`` of the largest's size.
+def components_bbox(binary: np.ndarray, min_fraction: float, min_share: float = 0.0) -> Bbox | None:
+    """Box around every 6-connected component of at least ``min_fraction`` of the largest's
+    size, or of at least ``min_share`` of all voxels.
 
-    ``min_fraction=1`` keeps only the largest (ties: all of them). A sample in pieces (fins
-    cut off by the threshold, several embryos) stays whole, and a stray object larger than
-    the sample (a scanner table, a lump of debris) makes the box too big, not wrong.
+    ``min_fraction=1`` (and ``min_share=0``) keeps only the largest (ties: all of them). A
+    sample in pieces (fins cut off by the threshold, several embryos) stays whole, and a
+    stray object larger than the sample (a scanner table, a lump of debris) makes the box
+    too big, not wrong; ``min_share`` keeps a sample that is small beside such an object.
     ``None`` if ``binary`` is empty.
     """
     labels, n = ndimage.label(binary)
@@ -71,6 +73,8 @@ def components_bbox(binary: np.ndarray, min_fraction: float) -> Bbox | None:
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     keep = sizes >= min_fraction * sizes.max()
+    if min_share > 0:
+        keep |= sizes >= min_share * binary.size
     keep[0] = False
     objects = ndimage.find_objects(labels)
     sl = [objects[i - 1] for i in np.flatnonzero(keep)]

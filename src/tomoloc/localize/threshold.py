@@ -27,7 +27,7 @@ from tomoloc.localize.base import (
     working_copy,
 )
 from tomoloc.metrics import box_mae
-from tomoloc.preprocess import measured_values
+from tomoloc.preprocess import fill_value, measured_values
 
 
 def threshold_box(work: WorkingCopy, value: float) -> Bbox | None:
@@ -126,10 +126,36 @@ def multiotsu_threshold(values: np.ndarray, classes: int = 3, max_valley: float 
     return (background, "background") if background < otsu else (otsu, "otsu")
 
 
+def _smooth_in_place(data: np.ndarray, sigma: float) -> None:
+    """Gaussian-smooth ``data`` (float32, 3D) in place, leaving its field-of-view fill as it is.
+
+    Noise spreads every population's peak. Where the sample is only a shoulder of the
+    background's peak, the threshold must sit close to that peak, and unsmoothed noise
+    then crosses it everywhere; a 1-voxel Gaussian narrows the peaks about threefold for
+    white noise and moves edges by less than a voxel. The fill is set to the 1st percentile
+    of the measured values while smoothing, so its edge does not smear into the data.
+    """
+    from scipy import ndimage
+
+    fill = fill_value(data)
+    outside = None
+    if fill is not None:
+        outside = data == fill
+        data[outside] = np.percentile(data[~outside], 1.0)
+    ndimage.gaussian_filter(data, sigma, output=data)
+    if outside is not None:
+        data[outside] = fill
+
+
 @dataclass
 class MultiOtsuLocalizer:
     """The threshold of :func:`multiotsu_threshold` (lowest three-class Otsu threshold, with
-    its guards), every component of at least ``min_fraction`` of the largest's size, their box.
+    its guards); every component of at least ``min_fraction`` of the largest's size or
+    ``min_share`` of the working copy's voxels; their box.
+
+    The working copy is first smoothed with a Gaussian of ``smooth`` voxels (its fill left
+    out): in noisy scans where the sample is a shoulder of the background's histogram peak,
+    the unsmoothed threshold lay above it (2 of 60 phantoms of a second generator).
 
     The recall-first thresholding method (the default of ``tomoloc run``). On our synthetic
     batches its boxes at margin 0 kept every sample voxel and were smaller than Otsu's at the
@@ -139,17 +165,21 @@ class MultiOtsuLocalizer:
 
     classes: int = 3
     min_fraction: float = 0.1
+    min_share: float = 0.001
+    smooth: float = 1.0
     max_voxels: int = 256**3
     name: str = "multiotsu"
 
     def localize(self, volume: Any) -> Localization:
         work = working_copy(volume, self.max_voxels)
+        if self.smooth > 0:
+            _smooth_in_place(work.data, self.smooth)
         values = measured_values(work.data)
         # Every k-th voxel: a 256-bin histogram needs no more than 4M values, and the
         # percentile and clip copies stay small (the peak is the working copy's labels).
         values = values[:: -(-values.size // _THRESHOLD_VALUES)]
         value, rule = multiotsu_threshold(values, self.classes)
-        box = components_bbox(work.data > value, self.min_fraction)
+        box = components_bbox(work.data > value, self.min_fraction, self.min_share)
         details = {"threshold": value, "threshold_rule": rule, "found": box is not None}
         if box is None:
             return Localization(whole_volume(work.shape), self.name, 0.0, details)
