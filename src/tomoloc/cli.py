@@ -209,7 +209,7 @@ def make_localizer(method: str, value: float | None = None, calibrate: Path | No
             return OtsuLocalizer(max_voxels=max_voxels), {"method": "otsu", "max_voxels": max_voxels}
         mloc = MultiOtsuLocalizer(max_voxels=max_voxels)
         return mloc, {"method": "multiotsu", "classes": mloc.classes, "min_fraction": mloc.min_fraction,
-                      "max_voxels": max_voxels}
+                      "min_share": mloc.min_share, "smooth": mloc.smooth, "max_voxels": max_voxels}
     if (value is None) == (calibrate is None):
         raise UsageProblem("--method threshold needs exactly one of --value V or --calibrate ground_truth.json")
     cfg: dict[str, Any] = {"method": "threshold", "max_voxels": max_voxels}
