@@ -46,15 +46,9 @@ class Localizer(Protocol):
 
 
 def largest_component_bbox(binary: np.ndarray) -> Bbox | None:
-    """Box of the largest 6-connected component of a 3D boolean array, or ``None`` if empty."""
-    labels, n = ndimage.label(binary)
-    if n == 0:
-        return None
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    biggest = int(sizes.argmax())
-    sl = ndimage.find_objects(labels, max_label=biggest)[biggest - 1]
-    return tuple((s.start, s.stop) for s in sl)  # type: ignore[return-value]
+    """Box of the largest 6-connected component of a 3D boolean array (of all of them, if
+    several are as large), or ``None`` if empty."""
+    return components_bbox(binary, 1.0)
 
 
 def components_bbox(binary: np.ndarray, min_fraction: float, min_share: float = 0.0) -> Bbox | None:

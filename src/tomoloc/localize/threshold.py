@@ -126,8 +126,8 @@ def multiotsu_threshold(values: np.ndarray, classes: int = 3, max_valley: float 
     return (background, "background") if background < otsu else (otsu, "otsu")
 
 
-def _smooth_in_place(data: np.ndarray, sigma: float) -> None:
-    """Gaussian-smooth ``data`` (float32, 3D) in place, leaving its field-of-view fill as it is.
+def _smooth_in_place(data: np.ndarray, sigma: float, fill: float | None) -> None:
+    """Gaussian-smooth ``data`` (float32, 3D) in place, leaving its field-of-view ``fill`` as it is.
 
     Noise spreads every population's peak. Where the sample is only a shoulder of the
     background's peak, the threshold must sit close to that peak, and unsmoothed noise
@@ -137,7 +137,6 @@ def _smooth_in_place(data: np.ndarray, sigma: float) -> None:
     """
     from scipy import ndimage
 
-    fill = fill_value(data)
     outside = None
     if fill is not None:
         outside = data == fill
@@ -172,9 +171,10 @@ class MultiOtsuLocalizer:
 
     def localize(self, volume: Any) -> Localization:
         work = working_copy(volume, self.max_voxels)
+        fill = fill_value(work.data)
         if self.smooth > 0:
-            _smooth_in_place(work.data, self.smooth)
-        values = measured_values(work.data)
+            _smooth_in_place(work.data, self.smooth, fill)
+        values = measured_values(work.data, fill)
         # Every k-th voxel: a 256-bin histogram needs no more than 4M values, and the
         # percentile and clip copies stay small (the peak is the working copy's labels).
         values = values[:: -(-values.size // _THRESHOLD_VALUES)]
