@@ -166,6 +166,12 @@ def test_run_and_crop_same_named_volumes_in_separate_folders(batch, tmp_path):
     assert res.exit_code == 0, res.output
     man = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert [Path(r["output"]).name for r in man["volumes"]] == ["sample0_volume.npy", "sample1_volume.npy"]
+    # each volume's picture is its own (same-named inputs once shared, and overwrote, one figure)
+    views = [Path(r["views"]) for r in man["volumes"]]
+    assert [p.name for p in views] == ["sample0_volume_views.png", "sample1_volume_views.png"]
+    assert views[0].read_bytes() != views[1].read_bytes()
+    report = (tmp_path / "out" / "report.html").read_text()
+    assert "sample0/volume.npy" in report and "sample1/volume.npy" in report
     for r, v in zip(man["volumes"], vols):
         sl = tuple(slice(lo, hi) for lo, hi in r["crop_bbox"])
         np.testing.assert_array_equal(np.load(r["output"]), np.load(v)[sl])

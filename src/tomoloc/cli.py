@@ -272,11 +272,16 @@ def localize(
     _exit_on_failures(_error_lines(volumes, results))
     records = [r for r, _ in results]
     if details is not None:
+        from tomoloc.crop import output_names
         from tomoloc.report import write_details
 
-        for r in records:
+        try:  # same-named volumes in separate folders get distinct figure names, as crops do
+            stems: list[str | None] = [Path(n).stem for n in output_names(volumes, ["npy"] * len(volumes))]
+        except ValueError:  # a volume given twice: its figures are the same
+            stems = [None] * len(volumes)
+        for r, stem in zip(records, stems):
             t = truth_by_name.get(r.name)
-            write_details(details, r, t.bbox if t else None)
+            write_details(details, r, t.bbox if t else None, stem=stem)
             r.extra.pop("details", None)
         out.print(f"{'certainty profiles' if method.value == 'rotation' else 'variance maps'} and figures in {details}")
     write_boxes(out_path, records, config={**cfg, "tomoloc": __version__, "command": "localize"})

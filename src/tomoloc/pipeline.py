@@ -220,7 +220,8 @@ def process_volume(job: VolumeJob, cfg: RunConfig, model_dir: str | None, out_di
         record = BoxRecord(job.volume, shape, bbox, res.method, extra)  # type: ignore[arg-type]
         crop_box = expand_bbox(bbox, cfg.margin, shape)
         details = out / "details"
-        views = details / f"{Path(record.name).stem}_views.png"
+        stem = Path(job.output).stem  # unique in the job, unlike the inputs' names
+        views = details / f"{stem}_views.png"
         png = _views_png(vol, bbox, crop_box, cfg)
     with atomic_path(views) as tmp:
         tmp.write_bytes(png)
@@ -229,7 +230,7 @@ def process_volume(job: VolumeJob, cfg: RunConfig, model_dir: str | None, out_di
         from tomoloc.report import write_details
 
         record.extra["details"] = res.details
-        fig = write_details(details, record)
+        fig = write_details(details, record, stem=stem)
         figure = str(fig) if fig is not None else None
         record.extra.pop("details")
     release_freed()  # the figures' buffers, before the copy's slabs
@@ -578,9 +579,11 @@ def write_report(out_dir: str | Path, manifest: dict[str, Any]) -> Path:
 
     cfg = RunConfig(**manifest["config"])
     rows = manifest["volumes"]
+    names = [Path(io.split_dataset_path(r["volume"])[0]).name for r in rows]
     entries = []
-    for r in rows:
-        name = Path(io.split_dataset_path(r["volume"])[0]).name
+    for r, name in zip(rows, names):
+        if names.count(name) > 1:  # same-named inputs in separate folders: show the folder too
+            name = "/".join(Path(io.split_dataset_path(r["volume"])[0]).parts[-2:])
         if r["status"] != "done":
             entries.append(ReportEntry(name, [], {"output": Path(r["output"]).name, "status": r["status"]},
                                        [r.get("error", "not done yet")]))

@@ -227,7 +227,8 @@ def profile_figure(
     return fig
 
 
-def write_profile_details(out_dir: str | os.PathLike, record: Any, truth: Bbox | None = None) -> None:
+def write_profile_details(out_dir: str | os.PathLike, record: Any, truth: Bbox | None = None,
+                          stem: str | None = None) -> None:
     """Save one volume's certainty profiles (``<name>_profiles.npz``) and figure (``<name>.png``).
 
     ``record`` is a :class:`tomoloc.boxes.BoxRecord` holding ``extra["details"]`` from a
@@ -238,7 +239,7 @@ def write_profile_details(out_dir: str | os.PathLike, record: Any, truth: Bbox |
     d = record.extra["details"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = Path(record.name).stem
+    stem = stem or Path(record.name).stem
     arrays = {f"axis{a}": np.asarray(p, dtype=np.float32) for a, p in d["profiles"].items()}
     arrays["factor"] = np.asarray(d["factor"])
     arrays["bbox"] = np.asarray(record.bbox)
@@ -304,7 +305,8 @@ def variance_figure(
     return fig
 
 
-def write_variance_details(out_dir: str | os.PathLike, record: Any, truth: Bbox | None = None) -> None:
+def write_variance_details(out_dir: str | os.PathLike, record: Any, truth: Bbox | None = None,
+                           stem: str | None = None) -> None:
     """Save one volume's variance maps (``<name>_variance.npz``) and figure (``<name>.png``).
 
     The ``.npz`` holds ``score`` (working-copy grid, float32), ``axis<a>`` (raw per-slice
@@ -315,7 +317,7 @@ def write_variance_details(out_dir: str | os.PathLike, record: Any, truth: Bbox 
     d = record.extra["details"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = Path(record.name).stem
+    stem = stem or Path(record.name).stem
     arrays = {f"axis{a}": np.asarray(m, dtype=np.float32) for a, m in d["maps"].items()}
     arrays.update(score=np.asarray(d["score"], dtype=np.float32), factor=np.asarray(d["factor"]),
                   bbox=np.asarray(record.bbox))
@@ -327,17 +329,21 @@ def write_variance_details(out_dir: str | os.PathLike, record: Any, truth: Bbox 
         save_figure(fig, out / f"{stem}.png")
 
 
-def write_details(out_dir: str | os.PathLike, record: Any, truth: Bbox | None = None) -> Path | None:
+def write_details(out_dir: str | os.PathLike, record: Any, truth: Bbox | None = None,
+                  stem: str | None = None) -> Path | None:
     """Save a self-supervised localizer's diagnostics for one volume; return the figure's path.
 
     Profiles (rotation) or variance maps (sorting), whichever ``record.extra["details"]``
-    holds; ``None`` when it holds neither (thresholding methods).
+    holds; ``None`` when it holds neither (thresholding methods). Files are named
+    ``<stem>.png`` (default: the volume's file name without suffix; pass a unique one when
+    volumes share a name).
     """
     d = record.extra.get("details") or {}
+    stem = stem or Path(record.name).stem
     if "profiles" in d:
-        write_profile_details(out_dir, record, truth)
+        write_profile_details(out_dir, record, truth, stem)
     elif "score" in d:
-        write_variance_details(out_dir, record, truth)
+        write_variance_details(out_dir, record, truth, stem)
     else:
         return None
-    return Path(out_dir) / f"{Path(record.name).stem}.png"
+    return Path(out_dir) / f"{stem}.png"
