@@ -222,6 +222,19 @@ def test_sorting_train_localize_and_run_end_to_end(cones, tmp_path):
         top = z["score"] >= np.quantile(z["score"], 0.9)
         (z0, z1), (y0, y1), (x0, x1) = recs[0].bbox
         assert top[z0:z1, y0:y1, x0:x1].sum() >= 0.5 * top.sum()
+    # same-named volumes in separate folders get their own figures, named as their crops would be
+    import shutil
+
+    same = []
+    for k in range(2):
+        (tmp_path / f"s{k}").mkdir()
+        same.append(tmp_path / f"s{k}" / "cone.npy")
+        shutil.copy(vols[k], same[-1])
+    res = run("localize", *same, "--method", "sorting", "--model", tmp_path / "m", "--out", tmp_path / "s.json",
+              "--mc-samples", 4)
+    assert res.exit_code == 0, res.output
+    figs = [tmp_path / "s_details" / f"s{k}_cone.png" for k in range(2)]
+    assert all(f.is_file() for f in figs) and figs[0].read_bytes() != figs[1].read_bytes()
     # a rotation model is refused for --method sorting and vice versa
     one_error_line(run("localize", vols[0], "--method", "rotation", "--model", tmp_path / "m",
                        "--out", tmp_path / "x.json"), "sorting")
