@@ -202,11 +202,11 @@ def make_localizer(method: str, value: float | None = None, calibrate: Path | No
                      "extend": loc.extend}
     if model is not None:
         raise UsageProblem("--model belongs to the self-supervised methods (--method rotation or sorting)")
-    if method in ("otsu", "multiotsu"):
-        if value is not None or calibrate is not None:
-            raise UsageProblem("--value and --calibrate belong to --method threshold")
-        if method == "otsu":
-            return OtsuLocalizer(max_voxels=max_voxels), {"method": "otsu", "max_voxels": max_voxels}
+    if method in ("otsu", "multiotsu") and (value is not None or calibrate is not None):
+        raise UsageProblem("--value and --calibrate belong to --method threshold")
+    if method == "otsu":
+        return OtsuLocalizer(max_voxels=max_voxels), {"method": "otsu", "max_voxels": max_voxels}
+    if method == "multiotsu":
         mloc = MultiOtsuLocalizer(max_voxels=max_voxels)
         return mloc, {"method": "multiotsu", "classes": mloc.classes, "min_fraction": mloc.min_fraction,
                       "min_share": mloc.min_share, "smooth": mloc.smooth, "max_voxels": max_voxels}

@@ -579,11 +579,12 @@ def write_report(out_dir: str | Path, manifest: dict[str, Any]) -> Path:
 
     cfg = RunConfig(**manifest["config"])
     rows = manifest["volumes"]
-    names = [Path(io.split_dataset_path(r["volume"])[0]).name for r in rows]
+    files = [Path(io.split_dataset_path(r["volume"])[0]) for r in rows]
+    names = [f.name for f in files]
     entries = []
-    for r, name in zip(rows, names):
+    for r, name, f in zip(rows, names, files):
         if names.count(name) > 1:  # same-named inputs in separate folders: show the folder too
-            name = "/".join(Path(io.split_dataset_path(r["volume"])[0]).parts[-2:])
+            name = "/".join(f.parts[-2:])
         if r["status"] != "done":
             entries.append(ReportEntry(name, [], {"output": Path(r["output"]).name, "status": r["status"]},
                                        [r.get("error", "not done yet")]))
