@@ -35,8 +35,11 @@ WARMUP = 10
 
 
 class Timer(L.Callback):
-    def __init__(self) -> None:
-        self.t0, self.n = 0.0, 0
+    """Times training steps WARMUP..last; the end is taken at the last step, before validation,
+    checkpointing and worker shutdown, which the bare loop does not have either."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps, self.t0, self.t1, self.n = steps, 0.0, 0.0, 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == WARMUP:
@@ -46,10 +49,12 @@ class Timer(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if batch_idx >= WARMUP:
             self.n += 1
+        if batch_idx == self.steps - 1:
+            torch.cuda.synchronize()
+            self.t1 = time.perf_counter()
 
     def steps_per_s(self) -> float:
-        torch.cuda.synchronize()
-        return self.n / (time.perf_counter() - self.t0)
+        return self.n / (self.t1 - self.t0)
 
 
 def slices_per_step(task: str, batch: int) -> int:
@@ -59,7 +64,7 @@ def slices_per_step(task: str, batch: int) -> int:
 def tomoloc_rate(task: str, size: int, batch: int, steps: int, workers: int, backbone: str) -> float:
     rng = np.random.default_rng(0)
     vols = [rng.normal(size=(96, 128, 128)).astype(np.float32) for _ in range(8)]
-    timer = Timer()
+    timer = Timer(steps)
     cfg = TrainConfig(task=task, backbone=backbone, input_size=size, batch_size=batch, epochs=1,
                       steps_per_epoch=steps, val_samples=batch, devices="gpu", precision="auto", num_workers=workers)
     assert cfg.resolved_precision() == "bf16-mixed"
