@@ -1,7 +1,7 @@
 """GPU: training slices/s, tomoloc vs a bare torchvision loop, and localization s per 512^3 volume.
 
     python benchmarks/gpu_throughput.py [--tasks rotation sorting] [--backbones resnet18 resnet50]
-                                        [--sizes 128 256] [--batch 128] [--workers 8] [--localize]
+                                        [--sizes 128 256] [--batch 128] [--workers N] [--localize]
 
 Training: tomoloc's Lightning path (``tomoloc.training.train``: sampling, rotation, masking
 and augmentation of every slice on the CPU in DataLoader workers, pinned memory, bf16-mixed)
@@ -29,6 +29,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from tomoloc.config import auto_workers
 from tomoloc.training import TrainConfig, quiet_lightning, train
 
 WARMUP = 10
@@ -135,12 +136,14 @@ def main() -> None:
     ap.add_argument("--backbones", nargs="+", default=["resnet18", "resnet50"])
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=None, help="default: tomoloc train's (auto_workers)")
     ap.add_argument("--localize", action="store_true")
     args = ap.parse_args()
+    if args.workers is None:
+        args.workers = auto_workers("gpu")
     quiet_lightning()
     torch.backends.cudnn.benchmark = True
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, {args.workers} loader workers")
     print("| task | backbone | input | batch | tomoloc slices/s | bare torchvision slices/s | ratio |")
     print("|---|---|---|---|---|---|---|")
     for task in args.tasks:

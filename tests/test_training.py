@@ -1,5 +1,6 @@
 import csv
 import json
+import warnings
 
 import lightning as L
 import numpy as np
@@ -91,6 +92,47 @@ def test_precision_auto_is_bf16_on_gpu_only():
     for bad in [dict(num_nodes=0), dict(precision="fp8"), dict(devices="cpu", num_nodes=2)]:
         with pytest.raises(ValueError):
             TrainConfig(**bad)
+
+
+def test_auto_workers(monkeypatch):
+    from tomoloc.config import auto_workers
+
+    assert auto_workers("auto") == auto_workers("cpu") == 0  # CPU training: torch's threads use the cores
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert auto_workers("gpu") == 14  # 16 CPUs less the loop and the pin-memory thread
+    assert auto_workers(4) == 3  # shared by 4 GPU processes on the node
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert auto_workers("gpu") == 16
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert auto_workers(2) == 1
+
+
+@pytest.mark.parametrize("task", ["rotation", "sorting"])
+def test_mixed_precision_gpu_loader_sends_float16_slices(task):
+    """On GPU with mixed precision, slices travel as float16; labels and positions keep their
+    dtype, and the module's batch hook gives the network float32 again."""
+    from tomoloc.training import _make_module
+
+    vols = [f_volume(s) for s in range(3)]
+    kw = dict(task=task, input_size=32, batch_size=8, steps_per_epoch=2, val_samples=8, seed=3)
+    batches = {}
+    for name, extra in {"cpu": dict(devices="cpu"), "gpu": dict(devices="gpu", precision="auto")}.items():
+        dm = VolumeDataModule(vols, TrainConfig(**kw, **extra))
+        dm.setup("fit")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pin_memory without a GPU here
+            batches[name] = next(iter(dm.train_dataloader()))
+    full, half = batches["cpu"], batches["gpu"]
+    n_img = 2 if task == "rotation" else 1
+    for a, b in zip(full[:n_img], half[:n_img]):
+        assert a.dtype == torch.float32 and b.dtype == torch.float16 and a.ndim == 4
+        np.testing.assert_allclose(b.float().numpy(), a.numpy(), rtol=1e-3, atol=1e-3)
+    for a, b in zip(full[n_img:n_img + 1], half[n_img:n_img + 1]):  # labels / positions untouched
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    module = _make_module(TrainConfig(**kw, devices="gpu"))
+    restored = module.on_after_batch_transfer(half, 0)
+    assert all(t.dtype == torch.float32 for t in restored[:n_img])
+    assert torch.equal(restored[n_img], half[n_img])
 
 
 def test_ddp_ranks_draw_disjoint_seeded_samples():

@@ -316,7 +316,8 @@ def train(
                                   "per node, e.g. under srun)."),
     precision: str = typer.Option("auto", help="auto (bf16-mixed on GPU, 32-true on CPU), 32-true, bf16-mixed, "
                                   "16-mixed."),
-    workers: int = typer.Option(0, min=0, help="Data-loading worker processes."),
+    workers: Optional[int] = typer.Option(None, min=0, help="Data-loading worker processes per training process "
+                                         "(default: 0 on CPU; on GPU the CPUs less 2, shared by the GPUs, at most 16)."),
     seed: int = typer.Option(0, help="Random seed (weights, split, samples)."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
     overwrite: bool = typer.Option(False, help="Replace an earlier run in --out."),
@@ -336,7 +337,7 @@ def train(
     try:
         cfg = TrainConfig(task=task.value, backbone=backbone, input_size=input_size, batch_size=batch_size,
                           epochs=epochs, steps_per_epoch=steps, lr=lr, seed=seed, devices=dev, num_nodes=num_nodes,
-                          precision=precision, num_workers=workers, axes=ax, k=k, step=angle_step,
+                          precision=precision, num_workers=_workers(workers, dev, num_nodes), axes=ax, k=k, step=angle_step,
                           holder=holder, margin=margin, sampling=sampling.value)
     except ValueError as exc:
         raise UsageProblem(str(exc)) from None
@@ -589,6 +590,18 @@ def _max_memory(text: str) -> int:
         raise UsageProblem(f"--max-memory {exc}") from None
 
 
+def _workers(workers: int | None, devices: str | int, num_nodes: int = 1) -> int:
+    """``--workers``, or :func:`tomoloc.config.auto_workers` when not given."""
+    from tomoloc.config import auto_workers
+
+    if workers is not None:
+        return workers
+    try:
+        return auto_workers(devices, num_nodes)
+    except ValueError as exc:
+        raise UsageProblem(str(exc)) from None
+
+
 def _check_scheduler(scheduler: str | None, workers: int | None) -> None:
     if workers is not None and scheduler != "local":
         raise UsageProblem("--workers sizes --scheduler local; give --scheduler local, or leave --workers out")
@@ -755,7 +768,8 @@ def pretrain(
     lr: float = typer.Option(TRAIN_DEFAULTS.lr, help="Peak learning rate (AdamW, cosine schedule)."),
     devices: str = typer.Option("auto", help="auto/cpu, gpu, or a number of GPUs (DDP when > 1)."),
     precision: str = typer.Option("auto", help="auto (bf16-mixed on GPU, 32-true on CPU), 32-true, bf16-mixed, 16-mixed."),
-    workers: int = typer.Option(0, min=0, help="Data-loading worker processes."),
+    workers: Optional[int] = typer.Option(None, min=0, help="Data-loading worker processes per training process "
+                                         "(default: 0 on CPU; on GPU the CPUs less 2, shared by the GPUs, at most 16)."),
     seed: int = typer.Option(0, help="Random seed (weights, split, samples, augmentations)."),
     overwrite: bool = typer.Option(False, help="Replace an earlier run in --out."),
 ) -> None:
@@ -773,7 +787,7 @@ def pretrain(
     try:
         cfg = TrainConfig(task=method.value, backbone=backbone, input_size=input_size, batch_size=batch_size,
                           epochs=epochs, steps_per_epoch=steps, lr=lr, seed=seed, devices=_devices(devices),
-                          precision=precision, num_workers=workers)
+                          precision=precision, num_workers=_workers(workers, _devices(devices)))
     except ValueError as exc:
         raise UsageProblem(str(exc)) from None
     for v in volumes:  # fail on a bad path before any work, with the file named

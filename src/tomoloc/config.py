@@ -8,6 +8,7 @@ resident memory and seconds of start-up in every worker process.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -217,6 +218,22 @@ class TrainConfig(JsonConfig):
         return "bf16-mixed" if gpu else "32-true"
 
     _what = "training config"
+
+
+def auto_workers(devices: str | int, num_nodes: int = 1) -> int:
+    """DataLoader worker processes per training process when the user gives none.
+
+    0 on CPU: workers would compete with torch's own threads for the cores. On GPU, the
+    CPUs this process may run on, less two (the training loop and the pin-memory thread),
+    shared among the GPU processes of this node, at most 16: on a 16-CPU H100 machine 14
+    workers fed resnet18 at input 128 at 0.70 of a bare GPU loop's rate, 8 at 0.50
+    (BENCHMARKS.md, "GPU checks for beamline scale").
+    """
+    hw = hardware(devices, check_cuda=False, num_nodes=num_nodes)
+    if hw["accelerator"] != "gpu":
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(16, (cpus - 2) // hw["devices"]))
 
 
 #: Accepted ``TrainConfig.precision`` values.

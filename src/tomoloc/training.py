@@ -17,6 +17,7 @@ contrastive baselines ``simclr`` (:class:`SimCLRModule`) and ``mocov3``
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import shutil
@@ -107,6 +108,26 @@ class _EpochKeySampler(Sampler):
         return iter([(epoch, i) for i in range(self.length)])
 
 
+def _map_images(batch: Any, fn: Callable[[Tensor], Tensor], dtype: torch.dtype) -> Any:
+    """``fn`` applied to every 4D ``(B, C, H, W)`` tensor of ``dtype`` in a batch (tuples, lists, dicts)."""
+    if isinstance(batch, Tensor):
+        return fn(batch) if batch.ndim == 4 and batch.dtype == dtype else batch
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_map_images(b, fn, dtype) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _map_images(v, fn, dtype) for k, v in batch.items()}
+    return batch
+
+
+def _collate_half(items: Any, batched: bool) -> Any:
+    """The default collation, then slice images as float16 (clipped to its range); labels,
+    positions and other tensors are left as they are."""
+    from torch.utils.data import default_collate, default_convert
+
+    batch = default_convert(items) if batched else default_collate(items)
+    return _map_images(batch, lambda x: x.clamp(-65504.0, 65504.0).half(), torch.float32)
+
+
 class VolumeDataModule(L.LightningDataModule):
     """Loads each volume once, splits by volume, and serves the task's pair datasets.
 
@@ -190,9 +211,15 @@ class VolumeDataModule(L.LightningDataModule):
         nw = self.config.num_workers
         # A sorting item is already a batch (slices of one volume): no collation.
         batched = self.config.task == "sorting"
+        gpu = hardware(self.config.devices, check_cuda=False, num_nodes=self.config.num_nodes)["accelerator"] == "gpu"
+        # Mixed precision computes in 16 bits anyway: 16-bit slices halve the bytes through
+        # shared memory, pinning and the host-to-device copy (the module casts them back).
+        half = gpu and self.config.resolved_precision() in ("bf16-mixed", "16-mixed")
+        collate = functools.partial(_collate_half, batched=batched) if half else None
         return DataLoader(dataset, batch_size=None if batched else self.config.batch_size, sampler=sampler,
                           shuffle=False, drop_last=False if batched else drop_last, num_workers=nw, persistent_workers=nw > 0,
-                          pin_memory=hardware(self.config.devices, check_cuda=False)["accelerator"] == "gpu")
+                          pin_memory=gpu, collate_fn=collate)
+
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_dataset is not None, "call setup() first"
@@ -241,6 +268,10 @@ class _TaskModule(L.LightningModule):
         # uses it); on 2 CPU cores a training step took the same time either way. Checkpoints
         # load into contiguous models as usual.
         self.net.to(memory_format=torch.channels_last)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Slices may travel as float16 (see VolumeDataModule._loader); the network gets float32.
+        return _map_images(batch, lambda x: x.float(), torch.float16)
 
     def _shared_step(self, batch: Any, stage: str) -> Tensor:
         loss, metrics, n = self._step(batch)
