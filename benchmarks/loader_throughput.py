@@ -8,7 +8,7 @@ one torch thread): what one loader worker process produces, collation included. 
 a pair per item (sampling, rotation, inscribed-circle mask), batch 256 pairs; sorting: one
 batch of 128 slices of one volume per item. Two warm-up batches are left out.
 
-A GPU step is fed by ``--workers`` such processes (8 by default in ``tomoloc train``), so
+A GPU step is fed by ``--workers`` such processes (on GPU by default the CPUs less 2, at most 16), so
 data loading keeps up with the GPU as long as the GPU's own slices/s stays below about
 ``workers x`` these figures. Writes the "Training data loader throughput" section of BENCHMARKS.md.
 """

@@ -38,6 +38,7 @@ def test_train_writes_a_complete_run(trained):
     run_dir = d / "run"
     doc = json.loads((run_dir / "config.json").read_text())
     assert doc["config"]["task"] == "rotation" and doc["config"]["axes"] == [0]
+    assert doc["config"]["num_workers"] == 0  # no --workers on CPU: loading in the training process
     assert doc["volumes"] == vols
     assert (run_dir / "checkpoints" / "best.ckpt").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
     rows = (run_dir / "logs" / "metrics.csv").read_text().splitlines()
