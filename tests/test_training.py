@@ -107,10 +107,21 @@ def test_auto_workers(monkeypatch):
     assert auto_workers(2) == 1
 
 
-@pytest.mark.parametrize("task", ["rotation", "sorting"])
+def _assert_same(a, b):
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _assert_same(a[k], b[k])
+    else:
+        assert a == b
+
+
+@pytest.mark.parametrize("task", ["rotation", "sorting", "simclr"])
 def test_mixed_precision_gpu_loader_sends_float16_slices(task):
-    """On GPU with mixed precision, slices travel as float16; labels and positions keep their
-    dtype, and the module's batch hook gives the network float32 again."""
+    """On GPU with mixed precision, slices travel as float16; labels, positions and metadata
+    are untouched, and the module's batch hook gives the network float32 again."""
     from tomoloc.training import _make_module
 
     vols = [f_volume(s) for s in range(3)]
@@ -123,16 +134,17 @@ def test_mixed_precision_gpu_loader_sends_float16_slices(task):
             warnings.simplefilter("ignore")  # pin_memory without a GPU here
             batches[name] = next(iter(dm.train_dataloader()))
     full, half = batches["cpu"], batches["gpu"]
-    n_img = 2 if task == "rotation" else 1
+    n_img = 1 if task == "sorting" else 2
     for a, b in zip(full[:n_img], half[:n_img]):
         assert a.dtype == torch.float32 and b.dtype == torch.float16 and a.ndim == 4
         np.testing.assert_allclose(b.float().numpy(), a.numpy(), rtol=1e-3, atol=1e-3)
-    for a, b in zip(full[n_img:n_img + 1], half[n_img:n_img + 1]):  # labels / positions untouched
-        assert a.dtype == b.dtype and torch.equal(a, b)
+    for a, b in zip(full[n_img:], half[n_img:]):
+        _assert_same(a, b)
     module = _make_module(TrainConfig(**kw, devices="gpu"))
     restored = module.on_after_batch_transfer(half, 0)
     assert all(t.dtype == torch.float32 for t in restored[:n_img])
-    assert torch.equal(restored[n_img], half[n_img])
+    for a, b in zip(restored[n_img:], half[n_img:]):
+        _assert_same(a, b)
 
 
 def test_ddp_ranks_draw_disjoint_seeded_samples():
