@@ -259,6 +259,7 @@ class _TaskModule(L.LightningModule):
         self.config = cfg
         self.save_hyperparameters({"config": cfg.to_dict()})
         self.net = net_for(cfg)
+        self._epoch_sums: dict[str, dict[str, Any]] = {}
 
     def _step(self, batch: Any) -> tuple[Tensor, dict[str, Tensor], int]:
         raise NotImplementedError
@@ -275,10 +276,37 @@ class _TaskModule(L.LightningModule):
 
     def _shared_step(self, batch: Any, stage: str) -> Tensor:
         loss, metrics, n = self._step(batch)
+        # Sums kept here and logged once per epoch: Lightning's self.log costs about 0.6 ms a
+        # call on the CPU side (it re-walks the metric's state every time), which measurably
+        # slowed short GPU steps (BENCHMARKS.md, "GPU checks for beamline scale").
+        sums = self._epoch_sums.setdefault(stage, {})
         for name, value in {"loss": loss, **metrics}.items():
-            self.log(f"{stage}_{name}", value, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True,
-                     batch_size=n)
+            v = torch.as_tensor(value).detach().float() * n
+            sums[name] = sums[name] + v if name in sums else v
+        sums["_n"] = sums.get("_n", 0) + n
         return loss
+
+    def _log_epoch(self, stage: str) -> None:
+        """Batch-size-weighted epoch means as ``{stage}_{name}``; across DDP ranks (equal
+        shares), the mean of the ranks' means."""
+        sums = self._epoch_sums.pop(stage, None)
+        if not sums:
+            return
+        n = sums.pop("_n")
+        for name, total in sums.items():
+            self.log(f"{stage}_{name}", total / n, prog_bar=True, sync_dist=True)
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_sums.pop("train", None)
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+
+    def on_validation_epoch_start(self) -> None:
+        self._epoch_sums.pop("val", None)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._shared_step(batch, "train")
