@@ -371,7 +371,9 @@ class SimCLRModule(_TaskModule):
 
     Temperature 0.5 (lightly's default and its SimCLR examples). Both views go through
     the network in one batch, so batch norm sees ``2 B`` images, as SimCLR's global batch
-    norm. Logs ``train_loss``, ``val_loss`` and ``train_acc``, ``val_acc``: the share of
+    norm. On several GPUs the negatives are gathered from every rank (``gather_distributed``)
+    and batch norm is synchronised across ranks (:func:`train`), so N GPUs with B pairs each
+    compute the loss, and its gradient, of one batch of N B pairs. Logs ``train_loss``, ``val_loss`` and ``train_acc``, ``val_acc``: the share of
     first views whose nearest second view (cosine) is their own (chance ``1 / B``).
     """
 
@@ -381,7 +383,8 @@ class SimCLRModule(_TaskModule):
         super().__init__(config)
         from lightly.loss import NTXentLoss
 
-        self.criterion = NTXentLoss(temperature=self.TEMPERATURE)
+        # Outside DDP the gather is a no-op (world size 1).
+        self.criterion = NTXentLoss(temperature=self.TEMPERATURE, gather_distributed=True)
 
     def forward(self, x: Tensor) -> Tensor:
         """Projections ``(B, 128)`` for slices ``(B, 1, S, S)``."""
@@ -399,8 +402,9 @@ class MoCoV3Module(_TaskModule):
 
     The MoCo v3 ResNet recipe: temperature 1.0, key momentum rising from 0.99 to 1 on a
     cosine schedule over the run (lightly's ``cosine_schedule``), updated before each
-    training step. Logs ``train_loss``, ``val_loss``, ``train_acc``, ``val_acc`` (query of
-    view 1 against keys of view 2, as :class:`SimCLRModule`).
+    training step. On several GPUs, as :class:`SimCLRModule`: keys gathered from every
+    rank, batch norm synchronised. Logs ``train_loss``, ``val_loss``, ``train_acc``,
+    ``val_acc`` (query of view 1 against keys of view 2, as :class:`SimCLRModule`).
     """
 
     TEMPERATURE = 1.0
@@ -410,7 +414,7 @@ class MoCoV3Module(_TaskModule):
         super().__init__(config)
         from lightly.loss import NTXentLoss
 
-        self.criterion = NTXentLoss(temperature=self.TEMPERATURE)
+        self.criterion = NTXentLoss(temperature=self.TEMPERATURE, gather_distributed=True)
 
     def forward(self, x: Tensor) -> Tensor:
         """Query predictions ``(B, 256)`` for slices ``(B, 1, S, S)``."""
@@ -598,6 +602,9 @@ def train(
             default_root_dir=out,
             # Fixed input sizes: let cuDNN pick its fastest convolutions once.
             benchmark=hw["accelerator"] == "gpu",
+            # Contrastive batch norm must see the global batch (SimCLR, MoCo v3); a sorting
+            # batch is one volume per rank and keeps its own statistics, as on one GPU.
+            sync_batchnorm=config.task in CONTRASTIVE_TASKS and hw["strategy"] == "ddp",
             **hw,
         )
         trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None)
