@@ -337,8 +337,8 @@ def train(
     try:
         cfg = TrainConfig(task=task.value, backbone=backbone, input_size=input_size, batch_size=batch_size,
                           epochs=epochs, steps_per_epoch=steps, lr=lr, seed=seed, devices=dev, num_nodes=num_nodes,
-                          precision=precision, num_workers=_workers(workers, dev, num_nodes), axes=ax, k=k, step=angle_step,
-                          holder=holder, margin=margin, sampling=sampling.value)
+                          precision=precision, num_workers=_workers(workers, dev, num_nodes), axes=ax, k=k,
+                          step=angle_step, holder=holder, margin=margin, sampling=sampling.value)
     except ValueError as exc:
         raise UsageProblem(str(exc)) from None
     for v in volumes:  # fail on a bad path before any work, with the file named

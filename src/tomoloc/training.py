@@ -220,7 +220,6 @@ class VolumeDataModule(L.LightningDataModule):
                           shuffle=False, drop_last=False if batched else drop_last, num_workers=nw, persistent_workers=nw > 0,
                           pin_memory=gpu, collate_fn=collate)
 
-
     def train_dataloader(self) -> DataLoader:
         assert self.train_dataset is not None, "call setup() first"
         sampler = _EpochKeySampler(len(self.train_dataset), self._current_epoch)
@@ -276,9 +275,9 @@ class _TaskModule(L.LightningModule):
 
     def _shared_step(self, batch: Any, stage: str) -> Tensor:
         loss, metrics, n = self._step(batch)
-        # Sums kept here and logged once per epoch: Lightning's self.log costs about 0.6 ms a
-        # call on the CPU side (it re-walks the metric's state every time), which measurably
-        # slowed short GPU steps (BENCHMARKS.md, "GPU checks for beamline scale").
+        # Sums kept here and logged once per epoch: Lightning's self.log cost about 0.6 ms a
+        # call on the CPU (it re-walks the metric's state every time), 2-3 calls a step
+        # (BENCHMARKS.md, "GPU checks for beamline scale"; on an H100 the gain was in the noise).
         sums = self._epoch_sums.setdefault(stage, {})
         for name, value in {"loss": loss, **metrics}.items():
             v = torch.as_tensor(value).detach().float() * n
@@ -373,8 +372,9 @@ class SimCLRModule(_TaskModule):
     the network in one batch, so batch norm sees ``2 B`` images, as SimCLR's global batch
     norm. On several GPUs the negatives are gathered from every rank (``gather_distributed``)
     and batch norm is synchronised across ranks (:func:`train`), so N GPUs with B pairs each
-    compute the loss, and its gradient, of one batch of N B pairs. Logs ``train_loss``, ``val_loss`` and ``train_acc``, ``val_acc``: the share of
-    first views whose nearest second view (cosine) is their own (chance ``1 / B``).
+    compute the loss, and its gradient, of one batch of N B pairs. Logs ``train_loss``,
+    ``val_loss`` and ``train_acc``, ``val_acc``: the share of first views whose nearest
+    second view (cosine) is their own (chance ``1 / B``, per rank).
     """
 
     TEMPERATURE = 0.5
