@@ -257,3 +257,16 @@ def test_run_trains_on_the_batch_when_no_model_is_given(cones, tmp_path):
     man = json.loads((out / "manifest.json").read_text())
     assert man["train_seconds"] > 0 and len(man["volumes"]) == 3
     assert json.loads((out / "run_config.json").read_text())["model"] == str(out / "model")
+
+
+def test_run_trains_on_gpu_with_loader_workers_when_there_is_one(monkeypatch):
+    from tomoloc.pipeline import train_config
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    cfg = RunConfig(method="sorting", seed=3, epochs=2)
+    on_gpu = train_config(cfg, cuda=True)
+    assert (on_gpu.task, on_gpu.seed, on_gpu.epochs, on_gpu.devices, on_gpu.num_workers) == ("sorting", 3, 2, "gpu", 14)
+    on_cpu = train_config(cfg, cuda=False)
+    assert (on_cpu.devices, on_cpu.num_workers) == ("auto", 0)
+    forced_cpu = train_config(RunConfig(method="rotation", device="cpu"), cuda=True)
+    assert (forced_cpu.devices, forced_cpu.num_workers) == ("auto", 0)

@@ -363,21 +363,30 @@ def _plan(inputs: Sequence[str], out: Path, cfg: RunConfig, overwrite: bool, res
     return plan
 
 
-def _train(plan: list[VolumeJob], out: Path, cfg: RunConfig, log: Callable[[str], None]) -> Path:
-    from tomoloc.training import TrainConfig, quiet_lightning, train
+def train_config(cfg: RunConfig, cuda: bool) -> Any:
+    """The :class:`tomoloc.config.TrainConfig` of a job that trains its own model: the
+    defaults, the job's method, seed, epochs and steps; on a GPU when ``cfg.device`` allows
+    and ``cuda`` is there, with :func:`tomoloc.config.auto_workers` loader processes."""
+    from tomoloc.config import TrainConfig, auto_workers
 
-    quiet_lightning()
-    model_dir = out / "model"
     kw: dict[str, Any] = {"task": cfg.method, "seed": cfg.seed}
     if cfg.epochs:
         kw["epochs"] = cfg.epochs
     if cfg.steps:
         kw["steps_per_epoch"] = cfg.steps
+    if cfg.device in ("auto", "gpu", "cuda") and cuda:
+        kw.update(devices="gpu", num_workers=auto_workers("gpu"))
+    return TrainConfig(**kw)
+
+
+def _train(plan: list[VolumeJob], out: Path, cfg: RunConfig, log: Callable[[str], None]) -> Path:
     import torch
 
-    if cfg.device in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        kw["devices"] = "gpu"
-    tcfg = TrainConfig(**kw)
+    from tomoloc.training import quiet_lightning, train
+
+    quiet_lightning()
+    model_dir = out / "model"
+    tcfg = train_config(cfg, torch.cuda.is_available())
     log(f"training the {cfg.method} model on {len(plan)} volume(s) ({tcfg.epochs} x "
         f"{tcfg.steps_per_epoch} steps) into {model_dir}")
     # A model folder without a finished run (a killed job) is this job's: train it afresh.
