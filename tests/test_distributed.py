@@ -77,3 +77,17 @@ def test_contrastive_ddp_equals_one_process_on_the_whole_batch(tmp_path):
         for loss, grad in (r[task] for r in ranks):
             torch.testing.assert_close(loss, full_loss, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(grad, full_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_batch_norm_is_synchronised_for_contrastive_tasks_on_several_gpus():
+    from tomoloc.training import device_options, hardware
+
+    for task in ("simclr", "mocov3", "sorting", "rotation"):
+        cfg = TrainConfig(task=task, devices=2)
+        several = device_options(cfg, hardware(2, check_cuda=False))
+        assert several["strategy"] == "ddp" and several["benchmark"]
+        assert several["sync_batchnorm"] == (task in TASKS)
+        one = device_options(TrainConfig(task=task, devices="gpu"), hardware("gpu", check_cuda=False))
+        assert not one["sync_batchnorm"]
+        assert device_options(TrainConfig(task=task), hardware("cpu")) == {**hardware("cpu"), "benchmark": False,
+                                                                           "sync_batchnorm": False}

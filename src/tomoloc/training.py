@@ -500,6 +500,18 @@ def quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def device_options(config: TrainConfig, hw: dict[str, Any]) -> dict[str, Any]:
+    """``L.Trainer`` keyword arguments that depend on the hardware ``hw`` (:func:`hardware`)."""
+    return {
+        **hw,
+        # Fixed input sizes: let cuDNN pick its fastest convolutions once.
+        "benchmark": hw["accelerator"] == "gpu",
+        # Contrastive batch norm must see the global batch (SimCLR, MoCo v3); a sorting
+        # batch is one volume per rank and keeps its own statistics, as on one GPU.
+        "sync_batchnorm": config.task in CONTRASTIVE_TASKS and hw["strategy"] == "ddp",
+    }
+
+
 def train(
     volumes: Sequence[Any],
     out_dir: str | os.PathLike,
@@ -600,12 +612,7 @@ def train(
             log_every_n_steps=1,
             num_sanity_val_steps=0,
             default_root_dir=out,
-            # Fixed input sizes: let cuDNN pick its fastest convolutions once.
-            benchmark=hw["accelerator"] == "gpu",
-            # Contrastive batch norm must see the global batch (SimCLR, MoCo v3); a sorting
-            # batch is one volume per rank and keeps its own statistics, as on one GPU.
-            sync_batchnorm=config.task in CONTRASTIVE_TASKS and hw["strategy"] == "ddp",
-            **hw,
+            **device_options(config, hw),
         )
         trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None)
     return out
