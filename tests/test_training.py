@@ -121,9 +121,7 @@ def _assert_same(a, b):
 @pytest.mark.parametrize("task", ["rotation", "sorting", "simclr"])
 def test_mixed_precision_gpu_loader_sends_float16_slices(task):
     """On GPU with mixed precision, slices travel as float16; labels, positions and metadata
-    are untouched, and the module's batch hook gives the network float32 again."""
-    from tomoloc.training import _make_module
-
+    are untouched, and the data module's batch hook gives the network float32 again."""
     vols = [f_volume(s) for s in range(3)]
     kw = dict(task=task, input_size=32, batch_size=8, steps_per_epoch=2, val_samples=8, seed=3)
     batches = {}
@@ -140,11 +138,30 @@ def test_mixed_precision_gpu_loader_sends_float16_slices(task):
         np.testing.assert_allclose(b.float().numpy(), a.numpy(), rtol=1e-3, atol=1e-3)
     for a, b in zip(full[n_img:], half[n_img:]):
         _assert_same(a, b)
-    module = _make_module(TrainConfig(**kw, devices="gpu"))
-    restored = module.on_after_batch_transfer(half, 0)
+    restored = dm.on_after_batch_transfer(half, 0)  # dm: the GPU one
     assert all(t.dtype == torch.float32 for t in restored[:n_img])
     for a, b in zip(restored[n_img:], half[n_img:]):
         _assert_same(a, b)
+
+
+def test_training_casts_float16_slices_back_before_the_network(tmp_path, monkeypatch):
+    """The float16 transfer end to end, forced on the CPU: a float16 slice reaching the
+    float32 network would stop training with a dtype error."""
+    monkeypatch.setattr(VolumeDataModule, "half_transfer", lambda self: True)
+    seen = []
+    orig = VolumeDataModule.on_after_batch_transfer
+
+    def spy(self, batch, idx):
+        seen.append(batch[0].dtype)
+        return orig(self, batch, idx)
+
+    monkeypatch.setattr(VolumeDataModule, "on_after_batch_transfer", spy)
+    vols = [f_volume(s) for s in range(3)]
+    for task in ("rotation", "sorting"):
+        seen.clear()
+        train(vols, tmp_path / task, TrainConfig(task=task, input_size=32, batch_size=4, epochs=1, steps_per_epoch=2,
+                                                 val_samples=4), progress=False)
+        assert seen and set(seen) == {torch.float16}
 
 
 def test_ddp_ranks_draw_disjoint_seeded_samples():

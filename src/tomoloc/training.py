@@ -212,13 +212,21 @@ class VolumeDataModule(L.LightningDataModule):
         # A sorting item is already a batch (slices of one volume): no collation.
         batched = self.config.task == "sorting"
         gpu = hardware(self.config.devices, check_cuda=False, num_nodes=self.config.num_nodes)["accelerator"] == "gpu"
-        # Mixed precision computes in 16 bits anyway: 16-bit slices halve the bytes through
-        # shared memory, pinning and the host-to-device copy (the module casts them back).
-        half = gpu and self.config.resolved_precision() in ("bf16-mixed", "16-mixed")
-        collate = functools.partial(_collate_half, batched=batched) if half else None
+        collate = functools.partial(_collate_half, batched=batched) if self.half_transfer() else None
         return DataLoader(dataset, batch_size=None if batched else self.config.batch_size, sampler=sampler,
                           shuffle=False, drop_last=False if batched else drop_last, num_workers=nw, persistent_workers=nw > 0,
                           pin_memory=gpu, collate_fn=collate)
+
+    def half_transfer(self) -> bool:
+        """Whether slices travel as float16: on GPU under mixed precision, which computes in
+        16 bits anyway. Halves the bytes through shared memory, pinning and the copy to the
+        GPU; :meth:`on_after_batch_transfer` casts them back to float32."""
+        gpu = hardware(self.config.devices, check_cuda=False, num_nodes=self.config.num_nodes)["accelerator"] == "gpu"
+        return gpu and self.config.resolved_precision() in ("bf16-mixed", "16-mixed")
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Slices may travel as float16 (half_transfer); the network gets float32.
+        return _map_images(batch, lambda x: x.float(), torch.float16)
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_dataset is not None, "call setup() first"
@@ -268,10 +276,6 @@ class _TaskModule(L.LightningModule):
         # uses it); on 2 CPU cores a training step took the same time either way. Checkpoints
         # load into contiguous models as usual.
         self.net.to(memory_format=torch.channels_last)
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        # Slices may travel as float16 (see VolumeDataModule._loader); the network gets float32.
-        return _map_images(batch, lambda x: x.float(), torch.float16)
 
     def _shared_step(self, batch: Any, stage: str) -> Tensor:
         loss, metrics, n = self._step(batch)
