@@ -5,8 +5,9 @@
 # 2) training slices/s, tomoloc (bf16, DataLoader workers, pinned memory) vs a bare torchvision
 #    forward/backward loop at the same batch: resnet18 and resnet50 at input 128 and 256, both tasks;
 #    then localization seconds per 512^3 volume (sorting and rotation models trained briefly on the GPU);
-# 3) only with LONG=1: the rotation localization benchmark with GPU training (20 x 100 steps per holder).
-# Sized for one call of about 10 minutes on an H100/H200 without LONG.
+# 3) where a training step's time goes (benchmarks/gpu_overhead.py: network, Lightning, loader);
+# 4) only with LONG=1: the rotation localization benchmark with GPU training (20 x 100 steps per holder).
+# Sized for one call of about 5 minutes on an H100 without LONG (1-3 took 218 s + about 60 s there).
 set -uo pipefail
 OUT=$(realpath -m "${OUT:-gpu_check_out}")
 mkdir -p "$OUT"
@@ -14,6 +15,7 @@ export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -m pytest -q -p no:cacheprovider tests/test_models_losses.py tests/test_training.py 2>&1 | tail -3 | tee "$OUT/tests.txt"
 python3 benchmarks/gpu_throughput.py --localize 2>&1 | grep -v -i "warn\|tip\|available\|Loading" | tee "$OUT/throughput.md"
+python3 benchmarks/gpu_overhead.py 2>&1 | grep "^|\|device\|Error" | tee "$OUT/overhead.md"
 if [ "${LONG:-0}" = 1 ]; then
   cd benchmarks
   for holder in none zmedian; do
