@@ -7,7 +7,7 @@
 #    then localization seconds per 512^3 volume (sorting and rotation models trained briefly on the GPU);
 # 3) where a training step's time goes (benchmarks/gpu_overhead.py: network, Lightning, loader);
 # 4) only with LONG=1: the rotation localization benchmark with GPU training (20 x 100 steps per holder).
-# Sized for one call of about 5 minutes on an H100 without LONG (1-3 took 218 s + about 60 s there).
+# Sized for one call of about 5 minutes on an H100 without LONG (1 and 2 took 218 s there, 3 about 60 s).
 set -uo pipefail
 OUT=$(realpath -m "${OUT:-gpu_check_out}")
 mkdir -p "$OUT"

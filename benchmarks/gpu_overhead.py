@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_throughput import WARMUP, bare_rate, slices_per_step  # noqa: E402
 
+from tomoloc.config import auto_workers  # noqa: E402
 from tomoloc.training import TrainConfig, VolumeDataModule, _make_module, quiet_lightning  # noqa: E402
 
 DEV = "cuda"  # "cpu" only to smoke-test this script without a GPU
@@ -110,8 +111,10 @@ def main() -> None:
                     default=["rotation:resnet18:128", "rotation:resnet18:256", "sorting:resnet18:256"])
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=None, help="default: tomoloc train's (auto_workers)")
     args = ap.parse_args()
+    if args.workers is None:
+        args.workers = auto_workers("gpu")
     quiet_lightning()
     torch.backends.cudnn.benchmark = True
     rng = np.random.default_rng(0)
