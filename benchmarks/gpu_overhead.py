@@ -127,7 +127,7 @@ def main() -> None:
         cfg = _config(task, bb, int(size), args.batch, args.steps, args.workers)
         dm = VolumeDataModule(vols, _config(task, bb, int(size), args.batch, 2, 0))
         dm.setup("fit")
-        gpu_batch = _to(next(iter(dm.train_dataloader())), DEV)
+        gpu_batch = dm.on_after_batch_transfer(_to(next(iter(dm.train_dataloader())), DEV), 0)
         r = [bare_rate(task, int(size), args.batch, args.steps, bb), model_rate(cfg, gpu_batch, args.steps),
              lightning_rate(cfg, gpu_batch, args.steps), loader_rate(cfg, vols, args.steps)]
         print(f"| {task} | {bb} | {size} | {args.batch} | " + " | ".join(f"{x:.0f}" for x in r) + " |", flush=True)
