@@ -210,12 +210,15 @@ class TrainConfig(JsonConfig):
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         hardware(self.devices, check_cuda=False, num_nodes=self.num_nodes)
 
+    def on_gpu(self) -> bool:
+        """Whether ``devices`` asks for GPUs (not whether there are any)."""
+        return hardware(self.devices, check_cuda=False, num_nodes=self.num_nodes)["accelerator"] == "gpu"
+
     def resolved_precision(self) -> str:
         """The Lightning precision string: ``"auto"`` becomes bf16 mixed on GPU, 32-bit on CPU."""
         if self.precision != "auto":
             return self.precision
-        gpu = hardware(self.devices, check_cuda=False, num_nodes=self.num_nodes)["accelerator"] == "gpu"
-        return "bf16-mixed" if gpu else "32-true"
+        return "bf16-mixed" if self.on_gpu() else "32-true"
 
     _what = "training config"
 

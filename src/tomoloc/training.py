@@ -214,16 +214,13 @@ class VolumeDataModule(L.LightningDataModule):
         collate = functools.partial(_collate_half, batched=batched) if self.half_transfer() else None
         return DataLoader(dataset, batch_size=None if batched else self.config.batch_size, sampler=sampler,
                           shuffle=False, drop_last=False if batched else drop_last, num_workers=nw, persistent_workers=nw > 0,
-                          pin_memory=self._on_gpu(), collate_fn=collate)
-
-    def _on_gpu(self) -> bool:
-        return hardware(self.config.devices, check_cuda=False, num_nodes=self.config.num_nodes)["accelerator"] == "gpu"
+                          pin_memory=self.config.on_gpu(), collate_fn=collate)
 
     def half_transfer(self) -> bool:
         """Whether slices travel as float16: on GPU under mixed precision, which computes in
         16 bits anyway. Halves the bytes through shared memory, pinning and the copy to the
         GPU; :meth:`on_after_batch_transfer` casts them back to float32."""
-        return self._on_gpu() and self.config.resolved_precision() in ("bf16-mixed", "16-mixed")
+        return self.config.on_gpu() and self.config.resolved_precision() in ("bf16-mixed", "16-mixed")
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Slices may travel as float16 (half_transfer); the network gets float32.
