@@ -3,7 +3,7 @@
     python benchmarks/real_data.py [--real ../shared/data/real] [--epochs 4] [--steps 50]
 
 The four volumes are one unlabelled "batch": the rotation and the sorting model each train on
-all of them (no labels), then box each; Otsu is shown beside them. The reference boxes are approximate
+all of them (no labels), then box each; Otsu and multi-Otsu are shown beside them. The reference boxes are approximate
 (about +-5 voxels, see each folder's truth.json). Writes the section "Real CT volumes".
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from _common import update_section
 from tomoloc.boxes import BoxRecord
 from tomoloc.evaluate import evaluate
-from tomoloc.localize import OtsuLocalizer, localize_files
+from tomoloc.localize import MultiOtsuLocalizer, OtsuLocalizer, localize_files
 from tomoloc.localize.rotation import RotationLocalizer
 from tomoloc.localize.sorting import SortingLocalizer
 from tomoloc.training import TrainConfig, quiet_lightning, train
@@ -42,7 +42,11 @@ def main() -> None:
             train(paths, Path(tmp) / task, cfg, progress=False)
             train_s[task] = time.perf_counter() - t0
             results[task] = localize_files(paths, loc(Path(tmp) / task))
+        # the same sorting model without the per-slice level removal (the paper's raw variance)
+        results["sorting, raw variance"] = localize_files(paths, SortingLocalizer(Path(tmp) / "sorting",
+                                                                                  slice_level="none"))
         results["otsu"] = localize_files(paths, OtsuLocalizer())
+        results["multiotsu"] = localize_files(paths, MultiOtsuLocalizer())
     for i, d in enumerate(dirs):
         ref = json.loads((d / "truth.json").read_text())["bbox"]
         for name, recs in results.items():
@@ -55,7 +59,8 @@ def main() -> None:
     body = "\n".join([
         f"Rotation and sorting models each trained on the {len(dirs)} real volumes together, without labels "
         f"({args.epochs} x {args.steps} steps, resnet18, input 64, CPU; rotation {train_s['rotation']:.0f} s, "
-        f"sorting {train_s['sorting']:.0f} s, default localizer settings); Otsu beside them. "
+        f"sorting {train_s['sorting']:.0f} s, default localizer settings, and the sorting model once more with its raw variance maps); Otsu and "
+        "multi-Otsu (`tomoloc run`'s default) beside them. "
         "Reference boxes are approximate (about ±5 voxels).",
         "",
         "| volume | shape | method | box | reference box | MAE | rel. error (%) | IoU |",

@@ -214,6 +214,7 @@ def test_sorting_train_localize_and_run_end_to_end(cones, tmp_path):
     assert res.exit_code == 0, res.output
     recs = read_boxes(tmp_path / "b.json")
     assert len(recs) == 2 and all(r.method == "sorting" for r in recs)
+    assert json.loads((tmp_path / "b.json").read_text())["config"]["slice_level"] == "median"
     det = tmp_path / "b_details"
     assert (det / "cone_0.png").is_file()
     with np.load(det / "cone_0_variance.npz") as z:

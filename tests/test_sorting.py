@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from tomoloc.localize.sorting import cell_index, superpixels_to_grid, top_region, variance_maps
+from tomoloc.localize.sorting import (
+    cell_index,
+    remove_slice_level,
+    superpixels_to_grid,
+    top_region,
+    variance_maps,
+)
 from tomoloc.losses import mean_displacement
 from tomoloc.models import SortingNet, dilate
 from tomoloc.sampling import SortingBatchDataset, generalized_gaussian_weights
@@ -127,6 +133,20 @@ def test_top_region_keeps_the_largest_connected_part():
     assert thr == 4 and region.sum() == 32 and region[5:9, 5:9, 5:7].all()
     with pytest.raises(ValueError):
         top_region(score, 0)
+
+
+def test_remove_slice_level_takes_out_each_slices_median():
+    maps = np.zeros((3, 3, 3), np.float32)
+    maps[0] = 7.0  # a slice that varies everywhere alike: nothing in it stands out
+    maps[1, 1, 1] = 2.0  # one superpixel above a zero slice
+    maps[2] = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]  # median 5
+    out = remove_slice_level(maps)
+    assert out.dtype == np.float32 and out.shape == maps.shape
+    np.testing.assert_array_equal(out[0], 0)
+    assert out[1, 1, 1] == 2 and np.count_nonzero(out[1]) == 1
+    np.testing.assert_array_equal(out[2], np.arange(-4, 5).reshape(3, 3))
+    # the band of slice 0 no longer outranks the superpixel of slice 1
+    assert np.unravel_index(out.argmax(), out.shape)[0] == 2 and out[1, 1, 1] > out[0].max()
 
 
 def test_variance_maps_shape_seeded_and_zero_without_dropout():

@@ -10,6 +10,7 @@ import torch
 from tomoloc.training import (
     TrainConfig,
     VolumeDataModule,
+    checkpoint_callbacks,
     hardware,
     load_model,
     split_volumes,
@@ -231,6 +232,38 @@ def test_training_learns_relative_rotation(tmp_path):
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
     assert float(rows[-1]["val_acc"]) > 0.5  # chance is 0.25
     assert float(rows[-1]["val_loss"]) < float(rows[0]["val_loss"])
+
+
+class _WorseEachEpoch(L.LightningModule):
+    """A module whose validation loss rises every epoch: only its first epoch is the best."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch, _i):
+        return ((self.w - batch[0]) ** 2).mean()
+
+    def validation_step(self, batch, _i):
+        self.log("val_loss", float(self.current_epoch), on_epoch=True)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_last_checkpoint_is_the_last_epoch_even_when_it_is_not_the_best(tmp_path):
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(4, 1)), batch_size=2)
+    trainer = L.Trainer(max_epochs=3, callbacks=checkpoint_callbacks(tmp_path), logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        accelerator="cpu", devices=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(_WorseEachEpoch(), loader, loader)
+    best = torch.load(tmp_path / "best.ckpt", weights_only=False)
+    last = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert (best["epoch"], best["global_step"]) == (0, 2)
+    assert (last["epoch"], last["global_step"]) == (2, 6)  # Lightning's save_last alone left it at (0, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "last.ckpt"]
 
 
 def test_train_resume_and_load_model(tmp_path):

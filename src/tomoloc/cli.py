@@ -188,7 +188,7 @@ def make_localizer(method: str, value: float | None = None, calibrate: Path | No
             raise UsageProblem(f"--model {model}: trained for the {sloc.config.task} task, not sorting")
         return sloc, {"method": "sorting", "model": str(model), "mc_samples": mc_samples,
                       "top_fraction": top_fraction, "output_stride": sloc.output_stride,
-                      "statistic": sloc.statistic, "seed": seed}
+                      "statistic": sloc.statistic, "slice_level": sloc.slice_level, "seed": seed}
     if method == "rotation":
         if model is None:
             raise UsageProblem("--method rotation needs --model RUN_DIR (made by `tomoloc train --task rotation`)")

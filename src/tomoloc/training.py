@@ -514,6 +514,23 @@ def device_options(config: TrainConfig, hw: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def checkpoint_callbacks(ckpt_dir: Path) -> list[L.Callback]:
+    """The callbacks that write ``ckpt_dir/best.ckpt`` (lowest validation loss) and
+    ``ckpt_dir/last.ckpt`` (end of the latest epoch).
+
+    Two callbacks, because Lightning's ``save_last=True`` writes ``last.ckpt`` only at steps
+    where it also writes a top-k checkpoint: with one callback, ``last.ckpt`` stayed at the
+    best epoch once the validation loss stopped improving, so ``--resume`` restarted from
+    there and ``which="last"`` loaded the best model. The second callback has no monitor and
+    keeps one file, the newest.
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    common = dict(dirpath=ckpt_dir, save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False)
+    return [ModelCheckpoint(filename="best", monitor="val_loss", mode="min", **common),  # type: ignore[arg-type]
+            ModelCheckpoint(filename="last", monitor=None, every_n_epochs=1, **common)]  # type: ignore[arg-type]
+
+
 def train(
     volumes: Sequence[Any],
     out_dir: str | os.PathLike,
@@ -585,7 +602,7 @@ def train(
     if _is_rank_zero():
         write_text_atomic(out / "config.json", json.dumps(doc, indent=2) + "\n")
 
-    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+    from lightning.pytorch.callbacks import RichProgressBar
     from lightning.pytorch.loggers import CSVLogger
 
     with warnings.catch_warnings():
@@ -598,9 +615,7 @@ def train(
         logger = CSVLogger(save_dir=out, name="logs", version="")
         if resume and _is_rank_zero():
             _keep_old_metrics(logger, old_rows, old_keys, last_epoch)
-        ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1,
-                               save_last=True, auto_insert_metric_name=False, enable_version_counter=False)
-        cbs: list[L.Callback] = [ckpt, *callbacks]
+        cbs: list[L.Callback] = [*checkpoint_callbacks(ckpt_dir), *callbacks]
         if progress:
             cbs.append(RichProgressBar())
         trainer = L.Trainer(
