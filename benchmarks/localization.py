@@ -70,11 +70,12 @@ def bench(kind: str, tmp: Path, cfg: TrainConfig, sorting_options: dict | None =
                 f"{final:.2f} (random order {(n * n - 1) / (3 * n):.2f}); localize {loc_s:.2f} s/volume "
                 f"({slices / len(recs) / loc_s:.0f} slices/s x {loc.mc_samples} MC passes)")
     lines.append(_row(kind, f"{cfg.task} (self-supervised)", evaluate(recs, truth, gt_test.parent), note))
-    if cfg.task == "sorting" and loc.slice_level != "none":
-        # The same model with the raw variance maps: what the per-slice level removal buys.
-        raw = SortingLocalizer(run, **{**(sorting_options or {}), "slice_level": "none"})
-        lines.append(_row(kind, "sorting, raw variance (slice level kept)",
-                          evaluate(localize_files(test_paths, raw), truth, gt_test.parent)))
+    if cfg.task == "sorting":
+        # The same model without each of the localizer's steps beyond the paper: what each buys.
+        for name, opts in (("sorting, not oriented", {"orient": False}),
+                           ("sorting, raw variance, not oriented (the paper's)", {"orient": False, "slice_level": "none"})):
+            ablated = SortingLocalizer(run, **{**(sorting_options or {}), **opts})
+            lines.append(_row(kind, name, evaluate(localize_files(test_paths, ablated), truth, gt_test.parent)))
     recs = localize_files(test_paths, OtsuLocalizer())
     lines.append(_row(kind, "Otsu (label-free)", evaluate(recs, truth, gt_test.parent)))
     vols = [io.open_volume(p) for p in train_paths]
@@ -124,7 +125,7 @@ def main() -> None:
                  f"batch, {cfg.epochs} epochs x {cfg.steps_per_epoch} steps, axes {list(cfg.axes)}, sampling "
                  f"{cfg.sampling}, margin {cfg.margin}, dropout {cfg.dropout}; localizer: {loc.mc_samples} MC "
                  f"passes, output stride {loc.output_stride}, top {loc.top_fraction:.0%} of superpixels, "
-                 f"statistic {loc.statistic!r}, slice level {loc.slice_level!r}")
+                 f"statistic {loc.statistic!r}, slice level {loc.slice_level!r}, oriented {loc.orient}")
         title = (f"Sorting localization: {'+'.join(args.batches)}, {cfg.epochs}x{cfg.steps_per_epoch} steps, "
                  f"{'GPU' if args.devices == 'gpu' else 'CPU'}")
     body = "\n".join([

@@ -214,7 +214,14 @@ def test_sorting_train_localize_and_run_end_to_end(cones, tmp_path):
     assert res.exit_code == 0, res.output
     recs = read_boxes(tmp_path / "b.json")
     assert len(recs) == 2 and all(r.method == "sorting" for r in recs)
-    assert json.loads((tmp_path / "b.json").read_text())["config"]["slice_level"] == "median"
+    doc = json.loads((tmp_path / "b.json").read_text())
+    assert (doc["config"]["slice_level"], doc["config"]["orient"]) == ("median", True)
+    assert all(isinstance(b["mirrored"], bool) for b in doc["boxes"])
+    res = run("localize", vols[0], "--method", "sorting", "--model", tmp_path / "m", "--out", tmp_path / "p.json",
+              "--mc-samples", 4, "--paper-variance")
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "p.json").read_text())
+    assert (doc["config"]["slice_level"], doc["config"]["orient"], doc["boxes"][0]["mirrored"]) == ("none", False, False)
     det = tmp_path / "b_details"
     assert (det / "cone_0.png").is_file()
     with np.load(det / "cone_0_variance.npz") as z:

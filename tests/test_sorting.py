@@ -6,6 +6,7 @@ import torch
 
 from tomoloc.localize.sorting import (
     cell_index,
+    orient_to_sample,
     remove_slice_level,
     superpixels_to_grid,
     top_region,
@@ -147,6 +148,25 @@ def test_remove_slice_level_takes_out_each_slices_median():
     np.testing.assert_array_equal(out[2], np.arange(-4, 5).reshape(3, 3))
     # the band of slice 0 no longer outranks the superpixel of slice 1
     assert np.unravel_index(out.argmax(), out.shape)[0] == 2 and out[1, 1, 1] > out[0].max()
+
+
+def test_orient_to_sample_mirrors_a_score_that_is_high_on_the_border():
+    score = np.zeros((4, 20, 20), np.float32)
+    score[:, 8:12, 8:12] = 3.0  # a sample in the middle scores high: kept as it is
+    same, mirrored = orient_to_sample(score)
+    assert not mirrored and same is score
+    low = np.full((4, 20, 20), 2.0, np.float32)  # the border band (outer 2 of 20 in Y and X) varies most
+    low[:, 2:18, 2:18] = 1.0  # the rest of the background less
+    low[:, 8:12, 8:12] = 0.5  # and the sample least
+    out, mirrored = orient_to_sample(low)
+    assert mirrored and out.min() == 0.5 and out.max() == 2.0  # same range, order reversed
+    np.testing.assert_array_equal(out[:, 8:12, 8:12], 2.0)
+    region, _ = top_region(out, 16 * 4 / out.size)
+    assert region[:, 8:12, 8:12].all() and region.sum() == 64
+    # the band is the outer 10% of Y and X only: a high first and last slice along Z is no reason to mirror
+    zends = score.copy()
+    zends[[0, -1]] = 5.0
+    assert not orient_to_sample(zends)[1]
 
 
 def test_variance_maps_shape_seeded_and_zero_without_dropout():

@@ -172,7 +172,7 @@ def _truth_volumes(truth_path: Path) -> tuple[list[BoxRecord], list[Path]]:
 def make_localizer(method: str, value: float | None = None, calibrate: Path | None = None,
                    max_voxels: int = 256**3, model: Path | None = None,
                    stride: int = 1, mc_samples: int = 10, top_fraction: float = 0.1,
-                   seed: int = 0) -> tuple[Any, dict[str, Any]]:
+                   seed: int = 0, paper_variance: bool = False) -> tuple[Any, dict[str, Any]]:
     """Build the localizer a CLI invocation asks for; returns it and its config."""
     from tomoloc.localize import MultiOtsuLocalizer, OtsuLocalizer, ThresholdLocalizer, calibrate_threshold
 
@@ -183,12 +183,14 @@ def make_localizer(method: str, value: float | None = None, calibrate: Path | No
             raise UsageProblem(f"--top-fraction {top_fraction}: must be in (0, 1]")
         from tomoloc.localize.sorting import SortingLocalizer
 
-        sloc = SortingLocalizer(model, mc_samples=mc_samples, top_fraction=top_fraction, seed=seed)
+        extra: dict[str, Any] = {"slice_level": "none", "orient": False} if paper_variance else {}
+        sloc = SortingLocalizer(model, mc_samples=mc_samples, top_fraction=top_fraction, seed=seed, **extra)
         if sloc.config.task != "sorting":
             raise UsageProblem(f"--model {model}: trained for the {sloc.config.task} task, not sorting")
         return sloc, {"method": "sorting", "model": str(model), "mc_samples": mc_samples,
                       "top_fraction": top_fraction, "output_stride": sloc.output_stride,
-                      "statistic": sloc.statistic, "slice_level": sloc.slice_level, "seed": seed}
+                      "statistic": sloc.statistic, "slice_level": sloc.slice_level,
+                      "orient": sloc.orient, "seed": seed}
     if method == "rotation":
         if model is None:
             raise UsageProblem("--method rotation needs --model RUN_DIR (made by `tomoloc train --task rotation`)")
@@ -242,6 +244,9 @@ def localize(
     mc_samples: int = typer.Option(10, min=2, help="Sorting: Monte-Carlo dropout passes per slice."),
     top_fraction: float = typer.Option(0.1, help="Sorting: share of superpixels with the highest variance kept."),
     seed: int = typer.Option(0, help="Sorting: seed of the dropout masks."),
+    paper_variance: bool = typer.Option(False, "--paper-variance",
+                                        help="Sorting: the raw variance, high = sample (the paper's), without "
+                                             "the per-slice median removal and the orientation (see README)."),
     truth: Optional[Path] = typer.Option(None, help="ground_truth.json: draw the true boxes in the figures."),
     scheduler: Optional[str] = typer.Option(None, help=SCHEDULER_HELP),
     workers: Optional[int] = typer.Option(None, min=1, help="Worker processes of --scheduler local (default: CPUs)."),
@@ -255,7 +260,7 @@ def localize(
     """
     _check_scheduler(scheduler, workers)
     localizer, cfg = make_localizer(method.value, value, calibrate, max_voxels, model, stride, mc_samples,
-                                    top_fraction, seed)
+                                    top_fraction, seed, paper_variance)
     from tomoloc.localize import localize_file
 
     ssl = method.value in ("rotation", "sorting")

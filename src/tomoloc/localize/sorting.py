@@ -32,8 +32,8 @@ STATISTICS = ("embedding", "score")
 #: What :func:`remove_slice_level` takes out of each slice's map (``"none"``: nothing).
 SLICE_LEVELS = ("median", "none")
 
-__all__ = ["SortingLocalizer", "cell_index", "remove_slice_level", "superpixels_to_grid", "top_region",
-           "variance_maps"]
+__all__ = ["SortingLocalizer", "cell_index", "orient_to_sample", "remove_slice_level", "superpixels_to_grid",
+           "top_region", "variance_maps"]
 
 
 def cell_index(n: int, size: int, output_stride: int) -> np.ndarray:
@@ -181,6 +181,29 @@ def remove_slice_level(maps: np.ndarray) -> np.ndarray:
     return maps - np.median(maps.reshape(len(maps), -1), axis=1)[:, None, None]
 
 
+def orient_to_sample(score: np.ndarray, band: float = 0.1) -> tuple[np.ndarray, bool]:
+    """``score`` ``(Z, Y, X)`` turned, if need be, so that the sample is where it is high.
+
+    The paper takes the sample to be where the MC-dropout variance is highest. Trained models
+    do not agree on the sign: of three sorting models trained by the same recipe on other
+    batches, one made the sample the least variable part of every volume, as clearly as the
+    others made it the most (BENCHMARKS.md). What does hold in a tube scan is that the in-plane
+    border of the volume, the outer ``band`` of Y and of X (air beside the tube, the corners of
+    the field of view), is background. So when that band scores above the rest of the volume
+    (medians compared), the score is mirrored within its range (``max + min - score``: same
+    range, order reversed) and the second value is True.
+    """
+    score = np.asarray(score)
+    _, Y, X = score.shape
+    by, bx = max(1, int(band * Y)), max(1, int(band * X))
+    edge = np.zeros(score.shape, bool)
+    edge[:, :by] = edge[:, -by:] = True
+    edge[:, :, :bx] = edge[:, :, -bx:] = True
+    if edge.all() or np.median(score[edge]) <= np.median(score[~edge]):
+        return score, False
+    return score.max() + score.min() - score, True
+
+
 def top_region(score: np.ndarray, fraction: float) -> tuple[np.ndarray, float]:
     """The largest 6-connected region of the ``fraction`` highest-scoring voxels.
 
@@ -244,6 +267,9 @@ class SortingLocalizer(TrainedModel):
     slice_level : str
         ``"median"``: each slice's map less its median before the axes are combined
         (:func:`remove_slice_level`); ``"none"``: the raw variance (the paper's).
+    orient : bool
+        Mirror the score when the volume's in-plane border scores above its interior
+        (:func:`orient_to_sample`); False: high variance is taken as the sample, as in the paper.
     """
 
     model_dir: str | os.PathLike
@@ -257,6 +283,7 @@ class SortingLocalizer(TrainedModel):
     seed: int = 0
     statistic: str = "embedding"
     slice_level: str = "median"
+    orient: bool = True
     name: str = "sorting"
     _net: Any = field(default=None, init=False, repr=False)
     _config: Any = field(default=None, init=False, repr=False)
@@ -291,6 +318,9 @@ class SortingLocalizer(TrainedModel):
         work = working_copy(volume, cfg.max_voxels)
         data = network_input(work.data, cfg.holder)
         score, raw = self.score_volume(data)
+        mirrored = False
+        if self.orient:
+            score, mirrored = orient_to_sample(score)
         region, thr = top_region(score, self.top_fraction)
         box = largest_component_bbox(region)
         kept = float(region.sum()) / max(1, int((score >= thr).sum()))
@@ -304,5 +334,5 @@ class SortingLocalizer(TrainedModel):
         return Localization(
             bbox, self.name, confidence,
             {"factor": list(work.factor), "threshold": thr, "top_fraction": self.top_fraction,
-             "region_share": kept, "score": score, "maps": raw},
+             "region_share": kept, "mirrored": mirrored, "score": score, "maps": raw},
         )
