@@ -150,23 +150,23 @@ def test_remove_slice_level_takes_out_each_slices_median():
     assert np.unravel_index(out.argmax(), out.shape)[0] == 2 and out[1, 1, 1] > out[0].max()
 
 
-def test_orient_to_sample_mirrors_a_score_that_is_high_on_the_border():
+def test_orient_to_sample_takes_the_candidate_region_off_the_border():
     score = np.zeros((4, 20, 20), np.float32)
     score[:, 8:12, 8:12] = 3.0  # a sample in the middle scores high: kept as it is
-    same, mirrored = orient_to_sample(score)
+    same, mirrored = orient_to_sample(score, 0.04)
     assert not mirrored and same is score
-    low = np.full((4, 20, 20), 2.0, np.float32)  # the border band (outer 2 of 20 in Y and X) varies most
-    low[:, 2:18, 2:18] = 1.0  # the rest of the background less
-    low[:, 8:12, 8:12] = 0.5  # and the sample least
-    out, mirrored = orient_to_sample(low)
+    low = np.full((4, 20, 20), 1.0, np.float32)
+    low[:, :2] = 2.0  # the border band (outer 2 of 20 in Y) varies most
+    low[:, 8:12, 8:12] = 0.5  # the sample least
+    out, mirrored = orient_to_sample(low, 64 / low.size)
     assert mirrored and out.min() == 0.5 and out.max() == 2.0  # same range, order reversed
     np.testing.assert_array_equal(out[:, 8:12, 8:12], 2.0)
-    region, _ = top_region(out, 16 * 4 / out.size)
+    region, _ = top_region(out, 64 / out.size)
     assert region[:, 8:12, 8:12].all() and region.sum() == 64
-    # the band is the outer 10% of Y and X only: a high first and last slice along Z is no reason to mirror
+    # only Y and X have a border band: a high first and last slice along Z is no reason to mirror
     zends = score.copy()
     zends[[0, -1]] = 5.0
-    assert not orient_to_sample(zends)[1]
+    assert not orient_to_sample(zends, 0.04)[1]
 
 
 def test_variance_maps_shape_seeded_and_zero_without_dropout():

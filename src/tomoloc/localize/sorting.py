@@ -181,17 +181,19 @@ def remove_slice_level(maps: np.ndarray) -> np.ndarray:
     return maps - np.median(maps.reshape(len(maps), -1), axis=1)[:, None, None]
 
 
-def orient_to_sample(score: np.ndarray, band: float = 0.1) -> tuple[np.ndarray, bool]:
-    """``score`` ``(Z, Y, X)`` turned, if need be, so that the sample is where it is high.
+def orient_to_sample(score: np.ndarray, fraction: float, band: float = 0.1) -> tuple[np.ndarray, bool]:
+    """``score`` ``(Z, Y, X)`` turned, if need be, so that its top region is the sample.
 
     The paper takes the sample to be where the MC-dropout variance is highest. Trained models
-    do not agree on the sign: of three sorting models trained by the same recipe on other
-    batches, one made the sample the least variable part of every volume, as clearly as the
-    others made it the most (BENCHMARKS.md). What does hold in a tube scan is that the in-plane
-    border of the volume, the outer ``band`` of Y and of X (air beside the tube, the corners of
-    the field of view), is background. So when that band scores above the rest of the volume
-    (medians compared), the score is mirrored within its range (``max + min - score``: same
-    range, order reversed) and the second value is True.
+    do not agree on the sign: of four sorting models trained by the same recipe on other
+    batches, one made the sample the least variable part of most of its 24 volumes, as
+    clearly as another made it the most in all of its 8 (BENCHMARKS.md). What does hold in a
+    tube scan is that the in-plane border of the volume, the outer ``band`` of Y and of X (air
+    beside the tube, the corners of the field of view), is background. So of the two candidate
+    regions, the :func:`top_region` of ``fraction`` of the score and that of the mirrored
+    score (``max + min - score``: same range, order reversed), the one with the smaller share
+    of its voxels in that band is taken; on a tie the score is kept. The second value says
+    whether it was mirrored.
     """
     score = np.asarray(score)
     _, Y, X = score.shape
@@ -199,9 +201,12 @@ def orient_to_sample(score: np.ndarray, band: float = 0.1) -> tuple[np.ndarray, 
     edge = np.zeros(score.shape, bool)
     edge[:, :by] = edge[:, -by:] = True
     edge[:, :, :bx] = edge[:, :, -bx:] = True
-    if edge.all() or np.median(score[edge]) <= np.median(score[~edge]):
-        return score, False
-    return score.max() + score.min() - score, True
+    mirrored = score.max() + score.min() - score
+    shares = []
+    for s in (score, mirrored):
+        region, _ = top_region(s, fraction)
+        shares.append(np.count_nonzero(region & edge) / max(1, np.count_nonzero(region)))
+    return (mirrored, True) if shares[1] < shares[0] else (score, False)
 
 
 def top_region(score: np.ndarray, fraction: float) -> tuple[np.ndarray, float]:
@@ -268,8 +273,9 @@ class SortingLocalizer(TrainedModel):
         ``"median"``: each slice's map less its median before the axes are combined
         (:func:`remove_slice_level`); ``"none"``: the raw variance (the paper's).
     orient : bool
-        Mirror the score when the volume's in-plane border scores above its interior
-        (:func:`orient_to_sample`); False: high variance is taken as the sample, as in the paper.
+        Mirror the score when its top region lies more on the volume's in-plane border than
+        the mirrored score's does (:func:`orient_to_sample`); False: high variance is taken
+        as the sample, as in the paper.
     """
 
     model_dir: str | os.PathLike
@@ -320,7 +326,7 @@ class SortingLocalizer(TrainedModel):
         score, raw = self.score_volume(data)
         mirrored = False
         if self.orient:
-            score, mirrored = orient_to_sample(score)
+            score, mirrored = orient_to_sample(score, self.top_fraction)
         region, thr = top_region(score, self.top_fraction)
         box = largest_component_bbox(region)
         kept = float(region.sum()) / max(1, int((score >= thr).sum()))
