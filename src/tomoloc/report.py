@@ -273,11 +273,14 @@ def variance_figure(
     threshold: float,
     truth: Bbox | None = None,
     title: str = "",
+    mirrored: bool = False,
 ) -> plt.Figure:
     """MC-dropout variance over the three orthogonal views (top) and the views with boxes (bottom).
 
     ``score`` is the variance on the working copy ``(Z', Y', X')``, block size ``factor``;
-    superpixels above ``threshold`` (the top fraction) are outlined.
+    superpixels above ``threshold`` (the top fraction) are outlined. ``mirrored``: the
+    localizer turned the score (:func:`tomoloc.localize.sorting.orient_to_sample`), so the
+    least variable superpixels are the brightest; the titles say so.
     """
     shape = tuple(int(s) for s in volume.shape)
     center = [(lo + hi) // 2 for lo, hi in bbox]
@@ -295,7 +298,7 @@ def variance_figure(
         if np.any(s >= threshold):
             ax.contour(np.arange(s.shape[1]) * steps[1], np.arange(s.shape[0]) * steps[0], s >= threshold,
                        levels=[0.5], colors="#00e5ff", linewidths=0.8)
-        ax.set_title(f"variance, {name} @ {center[axis]}", fontsize=9)
+        ax.set_title(f"{'low ' if mirrored else ''}variance, {name} @ {center[axis]}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
     draw_orthoviews(bottom.subplots(1, 3), volume, [BoxStyle(bbox, "found")] +
@@ -325,7 +328,8 @@ def write_variance_details(out_dir: str | os.PathLike, record: Any, truth: Bbox 
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, **arrays)
     with io.open_volume(record.volume) as vol:
-        fig = variance_figure(vol, d["score"], d["factor"], record.bbox, d["threshold"], truth, record.name)
+        fig = variance_figure(vol, d["score"], d["factor"], record.bbox, d["threshold"], truth, record.name,
+                              bool(d.get("mirrored", False)))
         save_figure(fig, out / f"{stem}.png")
 
 
