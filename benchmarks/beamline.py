@@ -1,7 +1,7 @@
 """Beamline scale: `tomoloc run` on one big volume against `cp`, and volumes per hour over Dask.
 
     python benchmarks/beamline.py [--gb 4] [--methods sorting multiotsu otsu] [--n-rate 4] [--workers 1 2]
-                                  [--skip-big] [--skip-rate] [--tmp DIR]
+                                  [--repeats 3] [--skip-big] [--skip-rate] [--tmp DIR]
 
 1. Trains a small sorting model on 4 synthetic volumes of 64x96x96 (2 epochs x 20 steps,
    CPU): the `--model` the runs below reuse. Small on purpose: this measures throughput and
@@ -11,7 +11,8 @@
    method, `tomoloc run BIG --out OUT [--model RUN]` (localize + crop + verify + report) and
    `cp BIG COPY` run as child processes; wall time and peak RSS (``/usr/bin/time``) of each. Page cache:
    "cold" evicts the input (``posix_fadvise DONTNEED`` after ``fsync``) before each command,
-   "warm" reads it once before each; both orders are reported as measured.
+   "warm" reads it once before each; ``sync`` before each; ``--repeats`` pairs per method and
+   page-cache state, alternating which goes first (median and range reported).
 3. Volumes per hour: ``--n-rate`` volumes of 512^3 uint16 (256 MiB each, different phantoms),
    `tomoloc run ... --model RUN` serially and with `--scheduler local --workers N`; the wall
    time includes the LocalCluster start.
@@ -123,7 +124,7 @@ def big_volume(tmp: Path, gb: float) -> Path:
     return path
 
 
-def bench_big(tmp: Path, model: Path, gb: float, methods: list[str]) -> list[str]:
+def bench_big(tmp: Path, model: Path, gb: float, methods: list[str], repeats: int) -> list[str]:
     big = big_volume(tmp, gb)
     size = big.stat().st_size
     rows = []
@@ -135,23 +136,29 @@ def bench_big(tmp: Path, model: Path, gb: float, methods: list[str]) -> list[str
 
     for method in methods:
         for cache in ("cold", "warm"):
-            for order in (("cp", "run"), ("run", "cp")):
-                got = {}
-                for what in order:
+            got: dict[str, list[tuple[float, float, int]]] = {"cp": [], "run": []}
+            for rep in range(repeats):
+                # Alternate which goes first: whichever runs second finds the other's traces.
+                for what in (("cp", "run"), ("run", "cp"))[rep % 2]:
                     shutil.rmtree(out, ignore_errors=True)
                     copy.unlink(missing_ok=True)
+                    # No dirty pages left from the previous command: its writeback would slow this one.
+                    os.sync()
                     (evict if cache == "cold" else warm)(big)
                     cmd = ["cp", str(big), str(copy)] if what == "cp" else run_cmd(method)
-                    got[what] = measure(cmd)
-                    if got[what][2] != 0:
-                        raise SystemExit(f"{' '.join(cmd)} failed with status {got[what][2]}")
+                    got[what].append(measure(cmd))
+                    if got[what][-1][2] != 0:
+                        raise SystemExit(f"{' '.join(cmd)} failed with status {got[what][-1][2]}")
                     if what == "run":
                         after = json.loads((out / "manifest.json").read_text())["volumes"][0]["bytes_after"]
-                row = (f"| {method} | {cache} | {' then '.join(order)} | {got['run'][0]:.1f} | {got['cp'][0]:.1f} | "
-                       f"{got['run'][0] / got['cp'][0]:.2f} | {got['run'][1]:.0f} | {got['cp'][1]:.0f} | "
-                       f"{size / after:.2f} | {uptime()} |")
-                rows.append(row)
-                print(row, flush=True)
+            run_s = [w for w, _, _ in got["run"]]
+            cp_s = [w for w, _, _ in got["cp"]]
+            row = (f"| {method} | {cache} | {repeats} | {np.median(run_s):.1f} ({min(run_s):.1f}-{max(run_s):.1f}) | "
+                   f"{np.median(cp_s):.1f} ({min(cp_s):.1f}-{max(cp_s):.1f}) | "
+                   f"{np.median(run_s) / np.median(cp_s):.2f} | {max(r for _, r, _ in got['run']):.0f} | "
+                   f"{max(r for _, r, _ in got['cp']):.0f} | {size / after:.2f} | {uptime()} |")
+            rows.append(row)
+            print(row, flush=True)
     shutil.rmtree(out, ignore_errors=True)
     copy.unlink(missing_ok=True)
     big.unlink()
@@ -191,6 +198,7 @@ def main() -> None:
     ap.add_argument("--gb", type=float, default=4.0)
     ap.add_argument("--methods", nargs="+", default=["sorting", "multiotsu"], choices=["sorting", "multiotsu", "otsu"])
     ap.add_argument("--n-rate", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3, help="cp/run pairs per method and page-cache state")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--skip-big", action="store_true")
     ap.add_argument("--skip-rate", action="store_true")
@@ -200,7 +208,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="tomoloc-beamline-", dir=args.tmp))
     try:
         model = args.model or train_model(tmp)
-        big = [] if args.skip_big else bench_big(tmp, model, args.gb, args.methods)
+        big = [] if args.skip_big else bench_big(tmp, model, args.gb, args.methods, args.repeats)
         rate = [] if args.skip_rate else bench_rate(tmp, model, args.n_rate, args.workers)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -217,9 +225,11 @@ def main() -> None:
             "`tomoloc run BIG --out OUT --method M [--model RUN] --device cpu` (localize, crop, verify the crop by "
             "re-reading it, figures, report) against `cp BIG COPY`, each a child process: wall time and peak RSS "
             "(`/usr/bin/time`). cold: the input evicted from the page cache before each command; warm: read once "
-            "before each. Goals: ratio <= 1.5, run peak RSS <= 1024 MiB.",
+            f"before each. `sync` before each command. {args.repeats} pairs per row, alternating which of the two "
+            "goes first; times are the median (min-max), the ratio is of the medians, peak RSS the largest. "
+            "Goals: ratio <= 1.5, run peak RSS <= 1024 MiB.",
             "",
-            "| method | page cache | order | run s | cp s | ratio | run peak RSS (MiB) | cp peak RSS (MiB) | "
+            "| method | page cache | pairs | run s | cp s | ratio | run peak RSS (MiB) | cp peak RSS (MiB) | "
             "reduction (x) | load |",
             "|---|---|---|---|---|---|---|---|---|---|",
             *big,

@@ -11,7 +11,7 @@ from typing import Iterator
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, *, directory: bool = False) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, directory: bool = False, create: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it to ``path`` on success.
 
     The temporary lives in the same directory so the final ``os.replace`` is atomic on
@@ -24,6 +24,12 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False) -> Iterator
         Final destination (file, or directory when ``directory=True``).
     directory : bool
         Create the temporary as an empty directory (for TIFF-slice folders and Zarr stores).
+    create : bool
+        Create the temporary file (empty). ``False`` only reserves a unique name: the writer
+        creates the file itself, exclusively (``open(tmp, "xb")``). On ext4, opening an
+        existing file for writing truncates it, and a file truncated to zero is flushed to
+        disk on close (``auto_da_alloc``): writing a 3.5 GB crop that way took 2.0-2.5 s plus
+        0.8-1.1 s at close, against 1.1 s creating the file anew.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -34,6 +40,8 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False) -> Iterator
         fd, name = tempfile.mkstemp(prefix=prefix, suffix=path.suffix, dir=path.parent)
         os.close(fd)
         tmp = Path(name)
+        if not create:
+            tmp.unlink()
     try:
         yield tmp
         if path.is_dir() and not path.is_symlink():

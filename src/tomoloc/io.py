@@ -44,6 +44,7 @@ __all__ = [
     "detect_format",
     "format_suffix",
     "open_volume",
+    "read_slabs",
     "save_volume",
     "volume_nbytes_on_disk",
 ]
@@ -196,6 +197,53 @@ def _slab_depth(
         # Whole chunks per slab: writers never rewrite a chunk, readers never re-decode one.
         depth = max(align, depth // align * align)
     return int(min(depth, shape[0]))
+
+
+def read_slabs(data: Any, depth: int, ahead: int = 1, dtype: Any = None,
+               each: Callable[[int, int, np.ndarray], None] | None = None,
+               ) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Yield ``(z0, z1, np.asarray(data[z0:z1]))`` over axis 0 in order, reading ahead.
+
+    Background threads read the next ``ahead`` slabs while the caller works on the current
+    one, so at most ``ahead + 1`` slabs of ``depth`` slices are held. Reads release the GIL
+    (page-cache copies, HDF5 and Zarr decoding): copying a 3.5 GB crop took 1.6-2.3 s on 2
+    cores with one slab read ahead, against 2.8-6.2 s reading and writing in turn. ``ahead=0``
+    reads in the caller's thread. ``dtype``: cast each slab to it. ``each(z0, z1, slab)`` is
+    called on every slab right after it is read, in axis-0 order (one reading thread then),
+    before it is yielded: a checksum computed while the slab is still in the CPU's cache.
+    """
+    n = int(data.shape[0])
+    depth = max(1, int(depth))
+    starts = list(range(0, n, depth))
+
+    def read(z0: int) -> tuple[int, int, np.ndarray]:
+        z1 = min(z0 + depth, n)
+        slab = np.asarray(data[z0:z1], dtype=dtype)
+        if each is not None:
+            each(z0, z1, slab)
+        return z0, z1, slab
+
+    if ahead < 1 or len(starts) < 2:
+        for z0 in starts:
+            yield read(z0)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = 1 if each is not None else min(ahead, len(starts) - 1)  # one thread runs tasks in order
+    with ThreadPoolExecutor(threads, thread_name_prefix="tomoloc-read") as pool:
+        pending: deque = deque()
+        try:
+            for z0 in starts:
+                pending.append(pool.submit(read, z0))
+                if len(pending) > ahead:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            # The caller stopped early (or a read failed): drop the slabs not yet started.
+            for fut in pending:
+                fut.cancel()
 
 
 class _ArrayBackend:
@@ -786,18 +834,22 @@ class _Target(NamedTuple):
     def slabs(self, data: Any, align: int = 1) -> Iterator[tuple[int, int, np.ndarray]]:
         """``(z0, z1, data[z0:z1])`` of at most :attr:`slab_bytes`, cast to :attr:`dtype`.
 
-        Slabs come in axis-0 order, each handed to :attr:`on_slab` before it is written.
+        Slabs come in axis-0 order, each handed to :attr:`on_slab` before it is written
+        (in the thread that read it). The next slab is read while one is written
+        (:func:`read_slabs`), so two slabs of at most half of :attr:`slab_bytes` each are in
+        memory.
         """
-        depth = _slab_depth(self.shape, self.dtype.itemsize, align, self.slab_bytes)
-        for z0 in range(0, self.shape[0], depth):
-            z1 = min(z0 + depth, self.shape[0])
-            slab = np.asarray(data[z0:z1], dtype=self.dtype)
+        budget = SLAB_BYTES if self.slab_bytes is None else self.slab_bytes
+        depth = _slab_depth(self.shape, self.dtype.itemsize, align, budget // 2)
+
+        def check(z0: int, z1: int, slab: np.ndarray) -> None:
             want = (z1 - z0, *self.shape[1:])
             if slab.shape != want:
                 raise ValueError(f"data[{z0}:{z1}] has shape {slab.shape}, expected {want}")
             if self.on_slab is not None:
                 self.on_slab(z0, z1, slab)
-            yield z0, z1, slab
+
+        yield from read_slabs(data, depth, ahead=1, dtype=self.dtype, each=check)
 
 
 def _write_npy(tmp: Path, data: Any, target: _Target) -> None:
@@ -805,7 +857,7 @@ def _write_npy(tmp: Path, data: Any, target: _Target) -> None:
     # resident memory until unmapped, so a memmap would hold the whole output "in memory".
     header = {"descr": np.lib.format.dtype_to_descr(target.dtype), "fortran_order": False,
               "shape": target.shape}
-    with open(tmp, "wb") as f:
+    with open(tmp, "xb") as f:  # created here (see atomic_path's create)
         np.lib.format.write_array_header_1_0(f, header)
         for _, _, slab in target.slabs(data):
             f.write(np.ascontiguousarray(slab).data)
@@ -818,7 +870,7 @@ def _write_tiff(tmp: Path, data: Any, target: _Target) -> None:
     nbytes = int(np.prod(target.shape, dtype=np.int64)) * target.dtype.itemsize
     # Uncompressed and contiguous, so the reader can memory-map it; classic TIFF offsets are
     # 32-bit and some readers treat them as signed, hence BigTIFF above 2 GiB.
-    with tifffile.TiffWriter(tmp, bigtiff=nbytes > 2**31 - 2**25) as tw:
+    with open(tmp, "xb") as fh, tifffile.TiffWriter(fh, bigtiff=nbytes > 2**31 - 2**25) as tw:
         tw.write(
             pages,
             shape=target.shape,
@@ -841,7 +893,7 @@ def _write_tiff_dir(tmp: Path, data: Any, target: _Target) -> None:
 def _write_h5(tmp: Path, data: Any, target: _Target) -> None:
     import h5py
 
-    with h5py.File(tmp, "w") as f:
+    with h5py.File(tmp, "w-") as f:  # w-: create, fail if it exists
         name = target.inner or _DATA_EXCHANGE
         if name == _DATA_EXCHANGE:
             f.attrs["implements"] = "exchange"  # Data Exchange marker read by tomopy/dxchange
@@ -905,7 +957,7 @@ def save_volume(
         HDF5 and Zarr round up to whole chunks along axis 0).
     on_slab : callable, optional
         ``on_slab(z0, z1, slab)`` sees every slab, in axis-0 order, before it is written
-        (checksums of what was written, progress).
+        (checksums of what was written, progress). It runs in the thread that reads ahead.
 
     Returns
     -------
@@ -955,7 +1007,8 @@ def save_volume(
 
     if (dest.exists() or dest.is_symlink()) and not overwrite:
         raise FileExistsError(f"{dest}: already exists; pass overwrite=True to replace it")
-    with atomic_path(dest, directory=format in ("tiff-dir", "zarr")) as tmp:
+    directory = format in ("tiff-dir", "zarr")
+    with atomic_path(dest, directory=directory, create=False) as tmp:
         _WRITERS[format](tmp, data, target)
     return dest
 
