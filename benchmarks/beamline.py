@@ -1,7 +1,7 @@
 """Beamline scale: `tomoloc run` on one big volume against `cp`, and volumes per hour over Dask.
 
-    python benchmarks/beamline.py [--gb 4] [--methods sorting multiotsu otsu] [--n-rate 4] [--workers 1 2]
-                                  [--repeats 3] [--skip-big] [--skip-rate] [--tmp DIR]
+    python benchmarks/beamline.py [--gb 4] [--methods sorting sorting-bf16 multiotsu otsu] [--n-rate 4]
+                                  [--workers 1 2] [--repeats 3] [--skip-big] [--skip-rate] [--tmp DIR]
 
 1. Trains a small sorting model on 4 synthetic volumes of 64x96x96 (2 epochs x 20 steps,
    CPU): the `--model` the runs below reuse. Small on purpose: this measures throughput and
@@ -131,8 +131,10 @@ def bench_big(tmp: Path, model: Path, gb: float, methods: list[str], repeats: in
     copy, out = tmp / "copy.npy", tmp / "out"
 
     def run_cmd(method: str) -> list[str]:
-        extra = ["--model", str(model)] if method == "sorting" else []
-        return tomoloc("run", str(big), "--out", str(out), "--method", method, "--device", "cpu", *extra)
+        name, _, precision = method.partition("-")  # "sorting-bf16": --precision bf16
+        extra = ["--model", str(model)] if name == "sorting" else []
+        extra += ["--precision", precision] if precision else []
+        return tomoloc("run", str(big), "--out", str(out), "--method", name, "--device", "cpu", *extra)
 
     for method in methods:
         for cache in ("cold", "warm"):
@@ -196,7 +198,7 @@ def bench_rate(tmp: Path, model: Path, n: int, workers: list[int]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gb", type=float, default=4.0)
-    ap.add_argument("--methods", nargs="+", default=["sorting", "multiotsu"], choices=["sorting", "multiotsu", "otsu"])
+    ap.add_argument("--methods", nargs="+", default=["sorting", "multiotsu"], choices=["sorting", "sorting-bf16", "multiotsu", "otsu"])
     ap.add_argument("--n-rate", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3, help="cp/run pairs per method and page-cache state")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
@@ -221,6 +223,7 @@ def main() -> None:
     ]
     if big:
         body += [
+            "sorting-bf16: `--precision bf16` (the network passes in bfloat16 autocast). "
             f"One uint16 volume of about {args.gb:g} GiB (.npy; a 64x90x90 phantom upsampled with per-voxel noise). "
             "`tomoloc run BIG --out OUT --method M [--model RUN] --device cpu` (localize, crop, verify the crop by "
             "re-reading it, figures, report) against `cp BIG COPY`, each a child process: wall time and peak RSS "

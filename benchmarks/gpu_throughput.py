@@ -116,16 +116,18 @@ def localize_seconds(tmp: Path) -> list[str]:
             from tomoloc.localize.sorting import SortingLocalizer as Loc
         else:
             from tomoloc.localize.rotation import RotationLocalizer as Loc
-        loc = Loc(run, device="cuda")
-        times = []
-        for _ in range(2):
-            t0 = time.perf_counter()
-            with io.open_volume(vol) as v:
-                loc.localize(v)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        rows.append(f"| {task} | 512^3 uint16 | {times[0]:.1f} | {times[1]:.1f} |")
-        print(rows[-1], flush=True)
+        for precision in ("32", "bf16"):  # the localizer's --precision
+            loc = Loc(run, device="cuda", precision=precision)
+            times = []
+            for _ in range(2):
+                t0 = time.perf_counter()
+                with io.open_volume(vol) as v:
+                    loc.localize(v)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            label = task if precision == "32" else f"{task}, --precision bf16"
+            rows.append(f"| {label} | 512^3 uint16 | {times[0]:.1f} | {times[1]:.1f} |")
+            print(rows[-1], flush=True)
     return rows
 
 

@@ -71,6 +71,12 @@ def test_run_otsu_crops_reports_and_never_touches_inputs(batch, tmp_path):
     assert "4 volume(s) already done" in res.stderr
     assert {o: (Path(o).stat().st_mtime_ns, digest(o)) for o in crops} == crops
     assert json.loads((out / "manifest.json").read_text())["volumes"] == man["volumes"]
+    # a job folder written before run configs had "precision" resumes as float32
+    doc = json.loads((out / "run_config.json").read_text())
+    del doc["config"]["precision"]
+    (out / "run_config.json").write_text(json.dumps(doc))
+    res = run("run", *vols, "--out", out, "--method", "otsu", "--margin", 3)
+    assert res.exit_code == 0 and "4 volume(s) already done" in res.stderr, res.output
     # other options are refused (resuming would mix two configurations), and change nothing
     stamp = (out / "manifest.json").stat().st_mtime_ns
     res = run("run", *vols, "--out", out, "--method", "otsu")
@@ -133,9 +139,13 @@ def test_run_bad_arguments(batch, tmp_path):
     one_error_line(run("run", vols[0], "--out", tmp_path / "o", "--method", "otsu", "--model", tmp_path),
                    "--model")
     one_error_line(run("run", vols[0], vols[0], "--out", tmp_path / "o", "--method", "otsu"), "vol_000")
+    one_error_line(run("run", vols[0], "--out", tmp_path / "o", "--precision", "bf16"), "--precision")
     assert not (tmp_path / "o").exists()
     with pytest.raises(ValueError):
         RunConfig(method="sorting", margin=-2)
+    with pytest.raises(ValueError, match="precision"):
+        RunConfig(method="sorting", precision="fp8")
+    assert RunConfig(method="sorting", precision="bf16").precision == "bf16"
 
 
 def test_output_names_disambiguate_same_named_inputs(tmp_path):
@@ -248,6 +258,24 @@ def test_sorting_train_localize_and_run_end_to_end(cones, tmp_path):
     # a rotation model is refused for --method sorting and vice versa
     one_error_line(run("localize", vols[0], "--method", "rotation", "--model", tmp_path / "m",
                        "--out", tmp_path / "x.json"), "sorting")
+
+    # bf16 passes: the same dropout masks, the score nearly the same as float32's, recorded in the box file
+    from tomoloc.localize.sorting import SortingLocalizer
+
+    vol = np.load(vols[0])
+    scores = [SortingLocalizer(tmp_path / "m", mc_samples=4, device="cpu", precision=p).localize(vol).details["score"]
+              for p in ("32", "bf16")]
+    assert np.corrcoef(scores[0].ravel(), scores[1].ravel())[0, 1] > 0.99
+    assert not np.array_equal(scores[0], scores[1])  # it did run in another arithmetic
+    res = run("localize", vols[0], "--method", "sorting", "--model", tmp_path / "m", "--out", tmp_path / "f.json",
+              "--mc-samples", 4, "--precision", "bf16")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "f.json").read_text())["config"]["precision"] == "bf16"
+    one_error_line(run("localize", vols[0], "--method", "sorting", "--model", tmp_path / "m",
+                       "--out", tmp_path / "g.json", "--precision", "fp8"), "--precision fp8")
+    with pytest.raises(ValueError, match="precision"):
+        SortingLocalizer(tmp_path / "m", precision="16").localize(vol)
+    assert not (tmp_path / "g.json").exists()
 
     # the batch job reusing the model: details and report carry the variance figures
     out = tmp_path / "run"

@@ -58,7 +58,7 @@ METHODS = ("multiotsu", "sorting", "rotation", "otsu")
 THRESHOLD_METHODS = ("multiotsu", "otsu")
 _OUTPUT_FILES = ("boxes.json", "manifest.json", "report.html", "run_config.json")
 #: The :class:`RunConfig` fields that decide a job's results: a resumed job must match them.
-RESULT_KEYS = ("method", "margin", "model", "epochs", "steps", "seed", "format", "low_confidence")
+RESULT_KEYS = ("method", "margin", "model", "epochs", "steps", "seed", "format", "low_confidence", "precision")
 _RUN_FORMAT = "tomoloc-run/1"
 _MANIFEST_FORMAT = "tomoloc-manifest/1"
 
@@ -88,6 +88,9 @@ class RunConfig:
         Volumes whose localizer confidence is below this are flagged in the report.
     device : str
         ``"auto"`` (GPU when available) or ``"cpu"`` for training and localization.
+    precision : str
+        ``"32"`` or ``"bf16"``: the self-supervised localizer's network passes (not training;
+        see :class:`tomoloc.localize.sorting.SortingLocalizer`). Part of the results.
     max_memory : int
         Peak-memory budget in bytes for one volume's data (per worker process); see
         :mod:`tomoloc.memory`. Does not change results.
@@ -104,6 +107,7 @@ class RunConfig:
     format: str | None = None
     low_confidence: float = 0.2
     device: str = "auto"
+    precision: str = "32"
     max_memory: int = DEFAULT_MAX_MEMORY
     delete_originals: bool = False
 
@@ -116,6 +120,12 @@ class RunConfig:
             raise ValueError("--model belongs to the self-supervised methods (sorting, rotation)")
         if self.format is not None and self.format not in io.FORMATS:
             raise ValueError(f"unknown format {self.format!r}")
+        from tomoloc.localize.base import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision != "32" and self.method in THRESHOLD_METHODS:
+            raise ValueError("--precision belongs to the self-supervised methods (sorting, rotation)")
         crop_slab_bytes(self.max_memory)  # validates the budget
 
 
@@ -166,7 +176,7 @@ _LOCALIZERS: dict[tuple[Any, ...], Any] = {}
 
 def _localizer(cfg: RunConfig, model_dir: str | None) -> Any:
     """The job's localizer, built once per process (worker processes load the model once)."""
-    key = (cfg.method, model_dir, cfg.seed, cfg.device)
+    key = (cfg.method, model_dir, cfg.seed, cfg.device, cfg.precision)
     if key in _LOCALIZERS:
         return _LOCALIZERS[key]
     if cfg.method == "otsu":
@@ -180,11 +190,12 @@ def _localizer(cfg: RunConfig, model_dir: str | None) -> Any:
     elif cfg.method == "sorting":
         from tomoloc.localize.sorting import SortingLocalizer
 
-        loc = SortingLocalizer(Path(model_dir), seed=cfg.seed, device=cfg.device)  # type: ignore[arg-type]
+        loc = SortingLocalizer(Path(model_dir), seed=cfg.seed, device=cfg.device,  # type: ignore[arg-type]
+                               precision=cfg.precision)
     else:
         from tomoloc.localize.rotation import RotationLocalizer
 
-        loc = RotationLocalizer(Path(model_dir), device=cfg.device)  # type: ignore[arg-type]
+        loc = RotationLocalizer(Path(model_dir), device=cfg.device, precision=cfg.precision)  # type: ignore[arg-type]
     if cfg.method not in THRESHOLD_METHODS and loc.config.task != cfg.method:
         raise ValueError(f"--model {model_dir}: trained for the {loc.config.task} task, not {cfg.method}")
     _LOCALIZERS[key] = loc
@@ -302,7 +313,8 @@ def _earlier_run(out: Path, cfg: RunConfig, overwrite: bool, resume: bool) -> di
         raise FileExistsError(f"{rc}: not a tomoloc run config; use --overwrite to replace it")
     if not resume:
         raise FileExistsError(f"{out}: already holds a tomoloc run (resume it, or use --overwrite to replace it)")
-    old, new = doc.get("config", {}), asdict(cfg)
+    # A key an older tomoloc did not write had its default value then (precision: float32).
+    old, new = {**asdict(RunConfig()), **doc.get("config", {})}, asdict(cfg)
     diff = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in RESULT_KEYS if old.get(k) != new[k]]
     if diff:
         raise ValueError(f"{out}: holds a run with another configuration ({', '.join(diff)}); "

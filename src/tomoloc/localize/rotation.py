@@ -132,6 +132,8 @@ class RotationLocalizer(TrainedModel):
         Checkpoint: ``"best"`` (lowest validation loss) or ``"last"``.
     device : str
         ``"auto"`` (GPU when available), ``"cpu"``, ``"cuda"``...
+    precision : str
+        ``"32"`` (default) or ``"bf16"`` (bfloat16 autocast; see ``TrainedModel._autocast``).
     """
 
     model_dir: str | os.PathLike
@@ -144,6 +146,7 @@ class RotationLocalizer(TrainedModel):
     which: str = "best"
     device: str = "auto"
     batch_size: int = 128
+    precision: str = "32"
     name: str = "rotation"
     _net: Any = field(default=None, init=False, repr=False)
     _config: Any = field(default=None, init=False, repr=False)
@@ -159,8 +162,9 @@ class RotationLocalizer(TrainedModel):
             if axis not in self.axes:
                 box.append((0, n))
                 continue
-            prof = certainty_profile(self._net, data, axis, cfg.input_size, self.stride,
-                                     self.batch_size, self._dev)
+            with self._autocast():
+                prof = certainty_profile(self._net, data, axis, cfg.input_size, self.stride,
+                                         self.batch_size, self._dev)
             iv = profile_interval(prof, self.sigma, self.min_contrast, self.max_gap, self.extend)
             profiles[axis], intervals[axis] = prof, iv
             box.append((iv.lo, iv.hi))

@@ -269,6 +269,9 @@ class SortingLocalizer(TrainedModel):
         Seeds the dropout masks.
     statistic : str
         See :func:`variance_maps`.
+    precision : str
+        ``"32"`` (default) or ``"bf16"``: the network passes under bfloat16 autocast, for
+        CPUs with AMX/AVX512-BF16 and GPUs (see ``TrainedModel._autocast``).
     slice_level : str
         ``"median"``: each slice's map less its median before the axes are combined
         (:func:`remove_slice_level`); ``"none"``: the raw variance (the paper's).
@@ -288,6 +291,7 @@ class SortingLocalizer(TrainedModel):
     batch_size: int | None = None
     seed: int = 0
     statistic: str = "embedding"
+    precision: str = "32"
     slice_level: str = "median"
     orient: bool = True
     name: str = "sorting"
@@ -308,8 +312,9 @@ class SortingLocalizer(TrainedModel):
         axes = tuple(self.axes) if self.axes is not None else tuple(cfg.axes)
         raw, grids = {}, []
         for a in axes:
-            m = variance_maps(self._net, data, a, cfg.input_size, self.mc_samples, self.output_stride,
-                              self._batch(), self.seed + a, self._dev, self.statistic)
+            with self._autocast():
+                m = variance_maps(self._net, data, a, cfg.input_size, self.mc_samples, self.output_stride,
+                                  self._batch(), self.seed + a, self._dev, self.statistic)
             raw[a] = m
             release_freed()  # so that the next axis's activations reuse these pages
             if self.slice_level == "median":
