@@ -73,6 +73,22 @@ def test_localize_rotation_finds_the_letter_slices(trained, tmp_path):
     assert json.loads(out.read_text())["config"]["model"] == str(d / "run")
 
 
+def test_rotation_in_bf16_gives_nearly_the_float32_profile_and_the_same_letter_slices(trained, tmp_path):
+    from tomoloc.localize.rotation import RotationLocalizer
+
+    d, vols = trained
+    vol = np.load(vols[0])
+    locs = [RotationLocalizer(d / "run", device="cpu", precision=p).localize(vol) for p in ("32", "bf16")]
+    p32, p16 = (np.asarray(loc.details["profiles"][0]) for loc in locs)
+    assert np.abs(p32 - p16).max() < 0.01 and not np.array_equal(p32, p16)  # 5e-4 seen
+    (z0, z1) = locs[1].bbox[0]
+    assert abs(z0 - LETTER_Z[0]) <= 3 and abs(z1 - LETTER_Z[1]) <= 3, locs[1].bbox
+    out = tmp_path / "b.json"
+    res = run("localize", vols[0], "--method", "rotation", "--model", d / "run", "--out", out, "--precision", "bf16")
+    assert res.exit_code == 0, res.output
+    assert json.loads(out.read_text())["config"]["precision"] == "bf16"
+
+
 def test_rotation_needs_a_model_of_the_right_kind(trained, tmp_path):
     d, vols = trained
     res = run("localize", vols[0], "--method", "rotation", "--out", tmp_path / "b.json")
