@@ -705,3 +705,23 @@ def test_read_slabs_each_sees_every_slab_in_order_before_it_is_yielded():
     for z0, z1, slab in tio.read_slabs(src, 2, ahead=3, each=lambda a, b, s: seen.append((a, b, s.sum()))):
         assert (z0, z1, slab.sum()) in seen  # already seen when it comes out
     assert [(a, b) for a, b, _ in seen] == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
+
+
+def test_npy_reads_do_not_parse_the_header_again(tmp_path, monkeypatch):
+    # np.load parses the header with ast.literal_eval, which CPython 3.11 cannot run in two
+    # threads at once ("AST constructor recursion depth mismatch"); reads run on two threads.
+    import ast
+
+    expected = _random_volume((6, 5, 4), np.uint16, seed=2)
+    np.save(tmp_path / "v.npy", expected)
+    np.save(tmp_path / "f.npy", np.asfortranarray(expected))
+    vols = [open_volume(tmp_path / "v.npy"), open_volume(tmp_path / "f.npy")]
+
+    def refuse(*_):
+        raise AssertionError("header parsed on a read")
+
+    monkeypatch.setattr(ast, "literal_eval", refuse)
+    for vol in vols:
+        with vol:
+            np.testing.assert_array_equal(vol.read(), expected)
+            np.testing.assert_array_equal(vol[2:4, 1:3, ::2], expected[2:4, 1:3, ::2])

@@ -527,7 +527,14 @@ def _open_npy(p: Path, inner: str | None) -> tuple[_ArrayBackend, None]:
     if array.ndim != 3:  # no leading-axis squeezing: a .npy has no axis metadata to justify it
         raise _Invalid(f"not a 3D volume (shape {array.shape})")
     _as_3d(array.shape)
-    return _MapBackend(lambda: np.load(p, mmap_mode="r", allow_pickle=False), first=array), None
+    # Every read maps the file afresh (see _MapBackend). Through np.memmap with the header's
+    # fields, not np.load: np.load parses the header with ast.literal_eval, and CPython 3.11's
+    # parser is not safe in two threads at once (reads run on two: "SystemError: AST
+    # constructor recursion depth mismatch", seen in a benchmark run).
+    dtype, shape, offset = array.dtype, array.shape, int(array.offset)
+    order = "F" if array.flags.f_contiguous and not array.flags.c_contiguous else "C"
+    return _MapBackend(lambda: np.memmap(p, dtype=dtype, mode="r", offset=offset, shape=shape, order=order),
+                       first=array), None
 
 
 @contextlib.contextmanager
