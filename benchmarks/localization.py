@@ -128,6 +128,8 @@ def main() -> None:
                  f"statistic {loc.statistic!r}, slice level {loc.slice_level!r}, oriented {loc.orient}")
         title = (f"Sorting localization: {'+'.join(args.batches)}, {cfg.epochs}x{cfg.steps_per_epoch} steps, "
                  f"{'GPU' if args.devices == 'gpu' else 'CPU'}")
+    if args.devices != "gpu" and cfg.precision != "32-true":
+        title += f", {cfg.precision}"  # its own section beside the float32 one
     body = "\n".join([
         "Per batch kind: train on 16 synthetic volumes of 64x96x96 (seed 20), evaluate on 8 held-out volumes "
         f"(seed 21). {model}, trained on {device} ({cfg.precision}).",
