@@ -31,6 +31,24 @@ from tomoloc.synth import write_batch
 from tomoloc.training import TrainConfig, train
 
 
+class InteriorWindow:
+    """A baseline "localizer": the Y/X window of :func:`tomoloc.holder.find_interior`, all of Z."""
+
+    name = "interior-window"
+
+    def localize(self, volume):
+        from tomoloc.holder import find_interior
+        from tomoloc.localize.base import Localization
+        from tomoloc.preprocess import NetworkView, working_copy
+        from tomoloc.sampling import DEFAULT_MAX_VOXELS
+
+        work = working_copy(volume, DEFAULT_MAX_VOXELS)
+        inner = find_interior(work.data)
+        view = NetworkView(inner.mask.astype("float32"), inner.offset, inner.wall)
+        box = view.to_working(tuple((0, n) for n in inner.mask.shape), work.data.shape)
+        return Localization(work.to_original(box), self.name, 1.0, {})
+
+
 def _row(batch: str, name: str, rows: list[dict], extra: str = "") -> str:
     m = mean_row(rows)
     return (f"| {batch} | {name} | {m['mae']:.2f} | {m['rel_err_pct']:.2f} | {m['iou']:.3f} | {m['recall']:.3f} "
@@ -70,6 +88,14 @@ def bench(kind: str, tmp: Path, cfg: TrainConfig, sorting_options: dict | None =
                 f"{final:.2f} (random order {(n * n - 1) / (3 * n):.2f}); localize {loc_s:.2f} s/volume "
                 f"({slices / len(recs) / loc_s:.0f} slices/s x {loc.mc_samples} MC passes)")
     lines.append(_row(kind, f"{cfg.task} (self-supervised)", evaluate(recs, truth, gt_test.parent), note))
+    if cfg.task == "rotation":
+        # The same model with the interval rule before 2026-12-02: the strongest run alone.
+        strongest = localize_files(test_paths, RotationLocalizer(run, keep=1.0))
+        lines.append(_row(kind, "rotation, strongest run only", evaluate(strongest, truth, gt_test.parent)))
+    if cfg.holder == "interior":
+        # What the network adds: the holder's interior window alone, all of axis 0.
+        lines.append(_row(kind, "holder's interior window alone (no network)",
+                          evaluate(localize_files(test_paths, InteriorWindow()), truth, gt_test.parent)))
     if cfg.task == "sorting":
         # The same model without each of the localizer's steps beyond the paper: what each buys.
         for name, opts in (("sorting, not oriented", {"orient": False}),
@@ -98,7 +124,7 @@ def main() -> None:
     defaults = TrainConfig()
     ap.add_argument("--epochs", type=int, default=defaults.epochs)
     ap.add_argument("--steps", type=int, default=defaults.steps_per_epoch)
-    ap.add_argument("--holder", default=defaults.holder)
+    ap.add_argument("--holder", default=None, help="default: the task's (interior for rotation, none for sorting)")
     ap.add_argument("--max-shift", type=float, default=defaults.max_shift)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--devices", default="auto", help="auto/cpu, or gpu")

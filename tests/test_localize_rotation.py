@@ -23,11 +23,15 @@ def test_noisy_bump_recovered_within_a_slice():
     assert abs(iv.lo - 25) <= 1 and abs(iv.hi - 55) <= 1
 
 
-def test_two_bumps_far_apart_keeps_the_bigger():
-    p = bump(100, 10, 20)  # small, e.g. debris or the tube bottom
-    p[50:85] = 0.9  # the sample
-    iv = profile_interval(p, sigma=0, extend=0)
+def test_two_bumps_far_apart_are_both_kept_unless_asked_for_the_strongest():
+    p = bump(100, 10, 20)  # the sample's less certain end, or debris
+    p[50:85] = 0.9  # the sample's stronger part
+    iv = profile_interval(p, sigma=0, extend=0)  # keep=0: every run above the threshold
+    assert (iv.lo, iv.hi) == (10, 85)
+    iv = profile_interval(p, sigma=0, extend=0, keep=1.0)  # the strongest run alone
     assert (iv.lo, iv.hi) == (50, 85)
+    # keep=0.5: runs of at least half the strongest's mass; the first has 10/35 of it.
+    assert (profile_interval(p, sigma=0, extend=0, keep=0.5).lo, profile_interval(p, sigma=0, extend=0, keep=0.25).lo) == (50, 10)
 
 
 def test_two_bumps_with_a_short_gap_are_merged():

@@ -89,6 +89,32 @@ def test_rotation_in_bf16_gives_nearly_the_float32_profile_and_the_same_letter_s
     assert json.loads(out.read_text())["config"]["precision"] == "bf16"
 
 
+def test_a_model_trained_on_the_holder_interior_boxes_in_the_whole_volume(trained):
+    from tomoloc.holder import find_interior
+    from tomoloc.localize.rotation import RotationLocalizer
+
+    d, vols = trained
+    # The letter volumes have no holder (a thin letter is not a container): the run's
+    # default holder="interior" gave the network the whole view.
+    assert json.loads((d / "run" / "config.json").read_text())["config"]["holder"] == "interior"
+    # Now the letter inside an off-centre tube with a medium, 32 x 64 x 64.
+    yy, xx = np.mgrid[:64, :64]
+    r = np.hypot(yy - 30, xx - 34)
+    vol = np.where(r < 24, 0.3, 0.0)[None].repeat(N, 0).astype(np.float32)
+    vol[:, (r >= 24) & (r < 27)] = 1.0
+    vol[:, 14:46, 18:50] += f_volume(0, N, noise=0.0)
+    vol += np.random.default_rng(0).normal(0, 0.1, vol.shape).astype(np.float32)
+    loc = RotationLocalizer(d / "run", device="cpu")
+    res = loc.localize(vol)
+    inner = find_interior(vol)
+    assert inner.found and res.details["offset"] == list(inner.offset) != [0, 0, 0]
+    assert len(res.details["profiles"][1]) == inner.y[1] - inner.y[0]  # profiles on the view
+    (z0, z1), (y0, y1), (x0, x1) = res.bbox  # on the whole volume: inside the tube's wall
+    assert abs(z0 - LETTER_Z[0]) <= 3 and abs(z1 - LETTER_Z[1]) <= 3, res.bbox
+    assert inner.y[0] - inner.wall <= y0 < y1 <= inner.y[1] + inner.wall
+    assert inner.x[0] - inner.wall <= x0 < x1 <= inner.x[1] + inner.wall
+
+
 def test_rotation_needs_a_model_of_the_right_kind(trained, tmp_path):
     d, vols = trained
     res = run("localize", vols[0], "--method", "rotation", "--out", tmp_path / "b.json")
@@ -114,3 +140,4 @@ def test_cli_defaults_mirror_the_training_config():
         assert getattr(TRAIN_DEFAULTS, name) == getattr(cfg, name), name
     for task in ("rotation", "sorting"):
         assert TRAIN_DEFAULTS.axes[task] == TrainConfig(task=task).axes
+    assert TrainConfig(task="rotation").holder == "interior" and TrainConfig(task="sorting").holder == "none"

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tomoloc.config import TrainConfig
+from tomoloc.config import SAVED_DEFAULTS, TrainConfig
 from tomoloc.models import MoCoV3Net, RotationNet, SimCLRNet, SortingNet
 from tomoloc.sampling import n_angle_classes
 
@@ -50,7 +50,7 @@ def load_model(run_dir: str | os.PathLike, which: str = "best",
         raise FileNotFoundError(f"{path}: no such checkpoint")
     # Memory-mapped: the optimizer state (twice the weights for AdamW) is never read in.
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    config = TrainConfig.from_dict(ckpt["hyper_parameters"]["config"])
+    config = TrainConfig.from_dict({**SAVED_DEFAULTS, **ckpt["hyper_parameters"]["config"]})
     net = net_for(config)
     state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     net.load_state_dict(state)

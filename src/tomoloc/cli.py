@@ -329,7 +329,10 @@ def train(
     lr: float = typer.Option(TRAIN_DEFAULTS.lr, help="Peak learning rate (AdamW, cosine schedule)."),
     margin: float = typer.Option(TRAIN_DEFAULTS.margin, help="Sorting: ranking margin between ordered slices."),
     sampling: Sampling = typer.Option(Sampling.uniform, help="Sorting: slice indices uniform or generalized-Gaussian."),
-    holder: str = typer.Option("none", help="none, or zmedian: subtract the per-pixel median over axis 0."),
+    holder: Optional[str] = typer.Option(None, help="What the network sees of the holder: interior (rotation's "
+                                         "default): the tube's interior only, wall and outside left out; none "
+                                         "(the other tasks' default): everything; zmedian: less the per-pixel "
+                                         "median over axis 0."),
     devices: str = typer.Option("auto", help="auto/cpu, gpu, or a number of GPUs per node (DDP when > 1)."),
     num_nodes: int = typer.Option(1, min=1, help="Nodes with --devices GPUs each (Lightning DDP; one process "
                                   "per node, e.g. under srun)."),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -224,8 +224,9 @@ def normalize(data: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndar
     return ((data - lo) / (hi - lo)).astype(np.float32)
 
 
-#: Ways to suppress the sample holder before a volume goes into a network.
-HOLDER_MODES = ("none", "zmedian")
+#: Ways to suppress the sample holder before a volume goes into a network: ``"none"``,
+#: ``"zmedian"`` (:func:`suppress_holder`) or ``"interior"`` (:func:`tomoloc.holder.interior_view`).
+HOLDER_MODES = ("none", "zmedian", "interior")
 
 
 def suppress_holder(data: np.ndarray) -> np.ndarray:
@@ -241,8 +242,60 @@ def suppress_holder(data: np.ndarray) -> np.ndarray:
     return data - np.median(data, axis=0, keepdims=True)
 
 
-def network_input(data: np.ndarray, holder: str = "none") -> np.ndarray:
-    """A working copy as the networks see it: holder suppressed (``holder``), then normalised."""
+class NetworkView(NamedTuple):
+    """A working copy as a network sees it (:func:`network_view`).
+
+    Attributes
+    ----------
+    data : ndarray, float32 ``(Z', Y', X')``
+        Normalised; smaller than the working copy when cut to the holder's interior.
+    offset : tuple of 3 ints
+        Where ``data[0, 0, 0]`` lies in the working copy.
+    wall : int
+        Layers taken off inside the holder's edge (0 unless cut to the interior).
+    """
+
+    data: np.ndarray
+    offset: tuple[int, int, int]
+    wall: int = 0
+
+    def to_working(self, box: Bbox, shape: tuple[int, ...]) -> Bbox:
+        """A box on ``data`` on the working copy's grid (``shape``).
+
+        Shifted by ``offset``; a side that reaches the edge of a view cut to the holder's
+        interior grows by ``wall`` (clipped to ``shape``): with no holder, the layers taken
+        off as "wall" are the sample's own edge, and a box must not cut them.
+        """
+        out = []
+        for a, ((lo, hi), o) in enumerate(zip(box, self.offset)):
+            lo, hi = lo + o, hi + o
+            if self.wall and a > 0:
+                if lo == o:
+                    lo = max(0, lo - self.wall)
+                if hi == o + self.data.shape[a]:
+                    hi = min(shape[a], hi + self.wall)
+            out.append((int(lo), int(hi)))
+        return (out[0], out[1], out[2])
+
+
+def network_view(data: np.ndarray, holder: str = "none") -> NetworkView:
+    """A working copy ``(Z, Y, X)`` as the networks see it, and where that view lies in it.
+
+    ``holder`` ``"zmedian"`` subtracts :func:`suppress_holder`; ``"interior"`` cuts the copy
+    to the holder's interior (:func:`tomoloc.holder.interior_view`), so boxes found on the
+    view go back through :meth:`NetworkView.to_working`. The view is then
+    percentile-normalised (:func:`normalize`).
+    """
     if holder not in HOLDER_MODES:
         raise ValueError(f"holder must be one of {', '.join(HOLDER_MODES)}, got {holder!r}")
-    return normalize(suppress_holder(data) if holder == "zmedian" else data)
+    if holder == "interior":
+        from tomoloc.holder import interior_view  # late: it uses the thresholding localizers
+
+        view, offset, wall = interior_view(data)
+        return NetworkView(normalize(view), offset, wall)
+    return NetworkView(normalize(suppress_holder(data) if holder == "zmedian" else data), (0, 0, 0))
+
+
+def network_input(data: np.ndarray, holder: str = "none") -> np.ndarray:
+    """The view of :func:`network_view` alone (training needs no offset)."""
+    return network_view(data, holder).data

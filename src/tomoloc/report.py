@@ -191,12 +191,15 @@ def profile_figure(
     bbox: Bbox,
     truth: Bbox | None = None,
     title: str = "",
+    offset: Sequence[int] = (0, 0, 0),
 ) -> plt.Figure:
     """Certainty profiles per axis with the chosen interval, above the orthogonal views.
 
-    ``profiles[a]`` is the per-slice certainty along axis ``a`` on the working copy
-    (downsampled by ``factor[a]``); it is drawn against original voxel coordinates.
-    ``intervals[a]`` is ``[lo, hi, threshold, contrast, found]`` on the working copy.
+    ``profiles[a]`` is the per-slice certainty along axis ``a`` on the network's view of the
+    working copy (downsampled by ``factor[a]``; the view starts at ``offset[a]`` of the
+    working copy, 0 unless it was cut to the holder's interior); it is drawn against
+    original voxel coordinates. ``intervals[a]`` is ``[lo, hi, threshold, contrast, found]``
+    on that view.
     """
     fig = plt.figure(figsize=(10.5, 6.6), dpi=80, layout="constrained")
     top, bottom = fig.subfigures(2, 1, height_ratios=[1, 1.3])
@@ -206,7 +209,7 @@ def profile_figure(
             ax.set_axis_off()
             continue
         p = np.asarray(profiles[a])
-        x = (np.arange(p.size) + 0.5) * factor[a]
+        x = (np.arange(p.size) + offset[a] + 0.5) * factor[a]
         ax.plot(x, p, color="k", lw=1)
         lo, hi, thr, contrast, found = intervals[a]
         ax.axvspan(bbox[a][0], bbox[a][1], color="#ff3b30", alpha=0.15, label="found")
@@ -242,12 +245,14 @@ def write_profile_details(out_dir: str | os.PathLike, record: Any, truth: Bbox |
     stem = stem or Path(record.name).stem
     arrays = {f"axis{a}": np.asarray(p, dtype=np.float32) for a, p in d["profiles"].items()}
     arrays["factor"] = np.asarray(d["factor"])
+    arrays["offset"] = np.asarray(d.get("offset", (0, 0, 0)))
     arrays["bbox"] = np.asarray(record.bbox)
     with atomic_path(out / f"{stem}_profiles.npz") as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
     with io.open_volume(record.volume) as vol:
-        fig = profile_figure(vol, d["profiles"], d["intervals"], d["factor"], record.bbox, truth, record.name)
+        fig = profile_figure(vol, d["profiles"], d["intervals"], d["factor"], record.bbox, truth, record.name,
+                             d.get("offset", (0, 0, 0)))
         save_figure(fig, out / f"{stem}.png")
 
 

@@ -40,6 +40,7 @@ from tomoloc.config import (  # noqa: F401  (re-exported: the training API)
     DEFAULT_AXES,
     PRECISIONS,
     RUN_FORMAT,
+    SAVED_DEFAULTS,
     TASKS,
     TrainConfig,
     hardware,
@@ -579,7 +580,7 @@ def train(
     if resume:
         if not last.is_file():
             raise FileNotFoundError(f"{last}: no checkpoint to resume from")
-        old = TrainConfig.from_dict(_read_run_config(out)["config"])
+        old = TrainConfig.from_dict({**SAVED_DEFAULTS, **_read_run_config(out)["config"]})
         changed = [f for f in _ARCH_FIELDS if getattr(old, f) != getattr(config, f)]
         if changed:
             raise ValueError(f"cannot resume {out}: {', '.join(changed)} differ from the run's config.json")

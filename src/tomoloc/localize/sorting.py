@@ -26,7 +26,7 @@ from scipy import ndimage
 
 from tomoloc.localize.base import Localization, TrainedModel, largest_component_bbox
 from tomoloc.memory import release_freed
-from tomoloc.preprocess import network_input, working_copy
+from tomoloc.preprocess import network_view, working_copy
 
 STATISTICS = ("embedding", "score")
 #: What :func:`remove_slice_level` takes out of each slice's map (``"none"``: nothing).
@@ -327,7 +327,8 @@ class SortingLocalizer(TrainedModel):
         self._load()
         cfg = self._config
         work = working_copy(volume, cfg.max_voxels)
-        data = network_input(work.data, cfg.holder)
+        view = network_view(work.data, cfg.holder)
+        data, offset = view.data, view.offset
         score, raw = self.score_volume(data)
         mirrored = False
         if self.orient:
@@ -341,9 +342,17 @@ class SortingLocalizer(TrainedModel):
         if box is None:
             box = tuple((0, n) for n in data.shape)
             confidence = 0.0
+        box = view.to_working(box, work.data.shape)  # type: ignore[arg-type]
+        if data.shape != work.data.shape:
+            # The view was the holder's interior: the score map goes back on the working
+            # copy's grid (lowest score outside) for the figure.
+            full = np.full(work.data.shape, float(score.min()), dtype=score.dtype)
+            full[tuple(slice(o, o + n) for o, n in zip(offset, data.shape))] = score
+            score = full
         bbox = work.to_original(box)  # type: ignore[arg-type]
         return Localization(
             bbox, self.name, confidence,
             {"factor": list(work.factor), "threshold": thr, "top_fraction": self.top_fraction,
-             "region_share": kept, "mirrored": mirrored, "score": score, "maps": raw},
+             "region_share": kept, "mirrored": mirrored, "score": score, "maps": raw,
+             "offset": list(offset)},
         )

@@ -111,19 +111,33 @@ def multiotsu_threshold(values: np.ndarray, classes: int = 3, max_valley: float 
         return low, "multiotsu"
     centres = (edges[:-1] + edges[1:]) / 2
     peak = int(hist.argmax())
-    half = hist[peak] / 2
-    j = peak
-    while j > 0 and hist[j] > half:
-        j -= 1
-    crossing = float(j)
-    if hist[j] <= half < hist[j + 1]:  # where the dark flank crosses half the peak, between two bins
-        crossing += (half - hist[j]) / (hist[j + 1] - hist[j])
     width = centres[1] - centres[0]
-    # Half width -> sigma, less the 2-bin smoothing (variances add), at least one bin.
-    sigma = float(np.sqrt(max(((peak - crossing) * width / 1.1774) ** 2 - (2 * width) ** 2, width**2)))
+    sigma = peak_sigma((peak - half_max_crossing(hist, peak, -1)) * width, width)
     background = float(centres[peak] + k_sigma * sigma)
     otsu = float(threshold_otsu(values))
     return (background, "background") if background < otsu else (otsu, "otsu")
+
+
+def half_max_crossing(hist: np.ndarray, peak: int, step: int, interpolate: bool = True) -> float:
+    """Where a histogram's flank falls to half of ``hist[peak]``, in bins (``step`` -1: the
+    dark flank, +1: the bright one), interpolated between the two bins around it."""
+    half = hist[peak] / 2
+    j = peak
+    end = 0 if step < 0 else hist.size - 1
+    while j != end and hist[j] > half:
+        j += step
+    crossing = float(j)
+    if interpolate and step < 0 and hist[j] <= half < hist[j + 1]:
+        crossing += (half - hist[j]) / (hist[j + 1] - hist[j])
+    if interpolate and step > 0 and hist[j] <= half < hist[j - 1]:
+        crossing -= (half - hist[j]) / (hist[j - 1] - hist[j])
+    return crossing
+
+
+def peak_sigma(half_width: float, bin_width: float) -> float:
+    """A peak's half width at half maximum as a standard deviation, less the 2-bin smoothing
+    of the histogram (variances add), and at least one bin."""
+    return float(np.sqrt(max((half_width / 1.1774) ** 2 - (2 * bin_width) ** 2, bin_width**2)))
 
 
 def _smooth_in_place(data: np.ndarray, sigma: float, fill: float | None) -> None:
