@@ -148,12 +148,15 @@ def main() -> None:
     else:
         loc = SortingLocalizer("unused", **sorting_options)
         model = (f"Sorting model: resnet18, input {cfg.input_size}, {cfg.batch_size} slices of one volume per "
-                 f"batch, {cfg.epochs} epochs x {cfg.steps_per_epoch} steps, axes {list(cfg.axes)}, sampling "
+                 f"batch, {cfg.epochs} epochs x {cfg.steps_per_epoch} steps, axes {list(cfg.axes)}, holder "
+                 f"{cfg.holder!r}, sampling "
                  f"{cfg.sampling}, margin {cfg.margin}, dropout {cfg.dropout}; localizer: {loc.mc_samples} MC "
                  f"passes, output stride {loc.output_stride}, top {loc.top_fraction:.0%} of superpixels, "
                  f"statistic {loc.statistic!r}, slice level {loc.slice_level!r}, oriented {loc.orient}")
         title = (f"Sorting localization: {'+'.join(args.batches)}, {cfg.epochs}x{cfg.steps_per_epoch} steps, "
                  f"{'GPU' if args.devices == 'gpu' else 'CPU'}")
+        if cfg.holder != TrainConfig(task="sorting").holder:
+            title += f", holder {cfg.holder}"  # its own section beside the default's
     if args.devices != "gpu" and cfg.precision != "32-true":
         title += f", {cfg.precision}"  # its own section beside the float32 one
     body = "\n".join([
