@@ -11,7 +11,8 @@ CY, CX = 30, 35  # off centre, as tubes usually sit
 INNER, WALL = 18, 3  # inner radius and wall thickness (voxels)
 
 
-def _tube(seed: int = 0, sample: bool = True, medium: float = 0.4, noise: float = 0.02) -> tuple[np.ndarray, np.ndarray]:
+def _tube(seed: int = 0, sample: bool = True, medium: float = 0.4,
+          noise: float = 0.02) -> tuple[np.ndarray, np.ndarray]:
     z, y, x = np.mgrid[:SHAPE[0], :SHAPE[1], :SHAPE[2]]
     r = np.hypot(y - CY, x - CX)
     vol = np.zeros(SHAPE, np.float32)

@@ -148,7 +148,7 @@ class TrainConfig(JsonConfig):
         ``"interior"``: cut the view to the holder's interior, the wall and what lies
         outside it replaced by noise at the medium's level
         (:func:`tomoloc.holder.interior_view`); localizers map their boxes back. With it the
-        rotation boxes on our tube batches went from MAE 9.7 and 10.6 voxels to 4.9 and 4.9
+        rotation boxes on our tube batches went from MAE 9.7 and 10.6 voxels to 5.6 and 5.8
         (BENCHMARKS.md, "Rotation localization").
     max_shift : float
         Random translation of each training slice, as a fraction of the input side

@@ -37,8 +37,9 @@ class Interior:
         Layers (voxels, in-plane) taken off the filled foreground as the wall (its
         blurred inner edge included).
     found : bool
-        False when nothing stood out from the background: the bounds are then the whole
-        slice and the mask all True.
+        False when nothing stood out from the background, or what did is no thin-walled
+        container (:func:`find_interior`): the bounds are then the whole slice and the mask
+        all True.
     """
 
     y: tuple[int, int]
@@ -59,13 +60,13 @@ def _peak(values: np.ndarray) -> tuple[float, float]:
     The width is the narrower flank's half width at half maximum: the other flank may carry
     the sample (denser) or bubbles (lighter) beside the medium's peak.
     """
+    from tomoloc.localize.threshold import half_max_crossing, peak_sigma
+
     lo, hi = np.percentile(values, [0.5, 99.5])
     if hi <= lo:
         return float(lo), 0.0
     hist, edges = np.histogram(np.clip(values, lo, hi), bins=256, range=(lo, hi))
     hist = ndimage.gaussian_filter1d(hist.astype(np.float64), 2.0)
-    from tomoloc.localize.threshold import half_max_crossing, peak_sigma
-
     centres = (edges[:-1] + edges[1:]) / 2
     p = int(hist.argmax())
     width = centres[1] - centres[0]
@@ -80,7 +81,7 @@ def find_interior(data: np.ndarray, k_sigma: float = 4.0, max_wall: int = 10) ->
     1. Smooth (1 voxel), threshold at :func:`tomoloc.localize.threshold.multiotsu_threshold`,
        keep the components of at least a tenth of the largest or 1% of the voxels (0.1%,
        as the multi-Otsu localizer has it, kept streak fragments outside the tube and
-       widened the window of one test volume in eight from 64 to 87 voxels).
+       widened the window of one test volume in eight from 59 to 87 voxels).
     2. Fill the holes of every axial slice: the tube's wall encloses its medium and sample.
     3. The wall: the mean intensity at each in-plane depth from the filled region's edge is
        compared with the medium's level (the peak of the values deeper than 30% of the

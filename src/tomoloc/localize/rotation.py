@@ -43,12 +43,12 @@ def profile_interval(
     The profile is smoothed (Gaussian, ``sigma`` slices); Otsu's threshold on its values
     splits background from sample levels; runs above the threshold separated by gaps of
     at most ``max_gap * n`` slices are merged (a sample can have a weak middle, e.g. a
-    fish's thin body between head and tail), and the run with the largest mass above the
-    threshold wins; with ``keep < 1`` the interval spans every run with at least ``keep``
-    of that mass (``keep=0``: every run above the threshold). The run then grows outwards while the profile stays above a lower level,
-    ``extend`` of the way from the threshold down to the background level (10th percentile):
-    hysteresis, so a sample whose edge slices are only half certain is not cut (0 disables).
-    When the profile's contrast (90th minus 10th percentile) is below
+    fish's thin body between head and tail), and the interval spans every merged run with at
+    least ``keep`` of the largest run's mass above the threshold (``keep=0``, the default:
+    every run; 1: the strongest alone). The interval then grows outwards while the profile
+    stays above a lower level, ``extend`` of the way from the threshold down to the
+    background level (10th percentile): hysteresis, so a sample whose edge slices are only
+    half certain is not cut (0 disables). When the profile's contrast (90th minus 10th percentile) is below
     ``min_contrast`` there is no background/sample split to trust, and the whole axis is
     returned with ``found=False``: a crop must err on the side of too big.
     """
@@ -133,8 +133,8 @@ class RotationLocalizer(TrainedModel):
     sigma, min_contrast, max_gap, extend, keep : float
         See :func:`profile_interval`. ``keep`` 0 (every run above the threshold, not only
         the strongest): a sample whose middle is less certain than its ends shows as two
-        runs; on our tube batches the strongest run alone cut samples (mean recall 0.67
-        and 0.63 against 0.94 and 0.88; BENCHMARKS.md).
+        runs; on our tube batches the strongest run alone cut samples (mean recall 0.52
+        and 0.55 against 0.89 and 0.88; BENCHMARKS.md).
     which : str
         Checkpoint: ``"best"`` (lowest validation loss) or ``"last"``.
     device : str
