@@ -118,9 +118,9 @@ def find_interior(data: np.ndarray, k_sigma: float = 4.0, max_wall: int = 10) ->
     deepest = float(depth.max())
     core = filled & (depth > 0.3 * deepest)
     level, sigma = _peak(d[core]) if core.any() else _peak(d[filled])
-    steps = np.minimum(depth, max_wall + 1).astype(np.int64)
-    counts = np.bincount(steps[filled], minlength=max_wall + 2)[1:]
-    sums = np.bincount(steps[filled], weights=d[filled], minlength=max_wall + 2)[1:]
+    steps = np.minimum(depth[filled], max_wall + 1).astype(np.int64)
+    counts = np.bincount(steps, minlength=max_wall + 2)[1:]
+    sums = np.bincount(steps, weights=d[filled], minlength=max_wall + 2)[1:]
     means = np.where(counts > 0, sums / np.maximum(counts, 1), level)
     gap = np.abs(means - level)
     # A tenth of the wall's own contrast at least: in a clean scan the noise is so low that
