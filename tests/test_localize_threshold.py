@@ -223,3 +223,22 @@ def test_multiotsu_keeps_the_soft_layer_of_an_8bit_export_with_saturated_air():
         box = loc.localize(vol).bbox
         assert all(lo <= t0 and hi >= t1 and (t0 - lo) + (hi - t1) <= 4
                    for (lo, hi), (t0, t1) in zip(box, ((8, 32), (10, 38), (12, 40)))), (loc.name, box)
+
+
+def test_an_exact_zero_background_is_data_not_field_of_view_fill():
+    # A noise-free phantom (or a volume masked to 0 by an earlier step): background exactly 0,
+    # a dim body at 0.3 around a bright core at 1.0. The zeros are the volume's minimum, set
+    # apart from the rest like a fill; taken as fill, the histogram would hold only the sample,
+    # the threshold would split body from core, and the box would be the core (11 voxels of
+    # 19 along axis 0, before the field-of-view shape test).
+    z, y, x = np.indices((40, 60, 70))
+    r = ((z - 20) / 10) ** 2 + ((y - 30) / 12) ** 2 + ((x - 35) / 12) ** 2
+    vol = (np.where(r < 1, 0.3, 0.0) + np.where(r < 0.2, 0.7, 0.0)).astype(np.float32)
+    true = ((11, 30), (19, 42), (24, 47))
+    assert tuple(tuple(int(v) for v in p) for p in zip(np.argwhere(r < 1).min(0), np.argwhere(r < 1).max(0) + 1)) == true
+    for loc in (MultiOtsuLocalizer(), OtsuLocalizer()):
+        box = loc.localize(vol).bbox
+        assert all(lo <= t0 and hi >= t1 and (t0 - lo) + (hi - t1) <= 2
+                   for (lo, hi), (t0, t1) in zip(box, true)), (loc.name, box)
+    # A binary mask of the same sample is boxed too (the False voxels are not fill either).
+    assert MultiOtsuLocalizer().localize(r < 1).bbox == ((10, 31), (18, 43), (23, 48))

@@ -74,3 +74,20 @@ def test_working_copy_is_the_exact_block_mean_for_any_threads_and_block_size(dty
         want = np.array([[[a[i:i + f, j:j + f, k:k + f].astype(np.float64).mean()
                            for k in range(0, 19, f)] for j in range(0, 17, f)] for i in range(0, 13, f)])
         np.testing.assert_allclose(wc.data, want, rtol=1e-6, atol=1e-6 * float(np.abs(want).max()))
+
+
+def test_fill_must_have_the_shape_of_a_field_of_view():
+    from tomoloc.preprocess import fill_value
+
+    rng = np.random.default_rng(0)
+    z, y, x = np.indices((16, 40, 40))
+    data = rng.normal(1.0, 0.05, z.shape).astype(np.float32)
+    disc = (y - 19.5) ** 2 + (x - 19.5) ** 2 < 19**2
+    fov = np.where(disc, data, np.float32(-2000))
+    assert fill_value(fov) == -2000.0  # the same disc measured in every axial slice
+    cone = fov.copy()
+    cone[:2] = np.where((y[:2] - 19.5) ** 2 + (x[:2] - 19.5) ** 2 < 12**2, data[:2], -2000)
+    assert fill_value(cone) == -2000.0  # a cone-beam scan's narrower end slices do not change that
+    ball = np.where((z - 8) ** 2 + (y - 20) ** 2 + (x - 20) ** 2 < 7**2, data, np.float32(0))
+    assert fill_value(ball) is None  # a sample in an exact-zero background: its section changes with z
+    assert fill_value(ball.ravel()) == 0.0  # without the volume's shape only the value test applies

@@ -170,16 +170,43 @@ def fill_value(data: np.ndarray, min_fraction: float = 0.01, min_gap: float = 0.
     0.1-99.9th percentile range up to the next value, is taken as fill. Thresholds and
     intensity ranges must ignore it: it is not data, and a -2000 border drags Otsu's
     threshold below air. The gap keeps air that an 8-bit export saturated at 0 (next
-    value 1 of 255) as data: left out, the thresholds would fall inside the sample.
+    value 1 of 255) as data: left out, the thresholds would fall inside the sample. For a
+    3D ``data`` ``(Z, Y, X)`` the measured voxels must also have a field of view's shape
+    (:func:`_fov_shaped`): the same in-plane region in most axial slices.
     """
-    a = np.asarray(data).ravel()
+    arr = np.asarray(data)
+    a = arr.ravel()
     lo = a.min()
     at_min = a == lo
     if np.count_nonzero(at_min) < min_fraction * a.size or at_min.all():
         return None
     rest = a[~at_min]
     p_lo, p_hi = np.percentile(rest[:: max(1, rest.size // 1_000_000)], [0.1, 99.9])  # a range, not exact
-    return float(lo) if rest.min() - lo >= min_gap * max(float(p_hi - p_lo), 1e-12) else None
+    if rest.min() - lo < min_gap * max(float(p_hi - p_lo), 1e-12):
+        return None
+    if arr.ndim == 3 and not _fov_shaped(~at_min.reshape(arr.shape)):
+        return None
+    return float(lo)
+
+
+def _fov_shaped(measured: np.ndarray, min_area: float = 0.1, min_iou: float = 0.9) -> bool:
+    """Whether the non-minimum voxels ``(Z, Y, X)`` form a field of view: the same in-plane
+    region (at least ``min_area`` of the slice) in most axial slices.
+
+    A reconstruction's field of view is a cylinder around the rotation axis, so what is
+    measured is (nearly) the same region in every axial slice. An exact-zero background
+    around a sample (a noise-free phantom, a volume masked by an earlier step, a binary
+    mask) is also a constant minimum set apart from the rest, but the sample's
+    cross-section changes from slice to slice: taken as fill, the background would leave
+    the histogram, the threshold would split the sample's own values, and its dim parts
+    would be cut.
+    """
+    typical = measured.mean(axis=0) >= 0.5
+    if typical.mean() < min_area:
+        return False
+    inter = np.logical_and(measured, typical).sum(axis=(1, 2))
+    union = np.logical_or(measured, typical).sum(axis=(1, 2))
+    return bool(np.median(inter / union) >= min_iou)
 
 
 _DETECT = object()
@@ -191,9 +218,10 @@ def measured_values(data: np.ndarray, fill: Any = _DETECT) -> np.ndarray:
     ``fill`` is the fill value when the caller already has it (:func:`fill_value`, or
     ``None`` for none); by default it is detected.
     """
-    flat = np.asarray(data, dtype=np.float32).ravel()
+    arr = np.asarray(data, dtype=np.float32)
+    flat = arr.ravel()
     if fill is _DETECT:
-        fill = fill_value(flat)
+        fill = fill_value(arr)
     return flat if fill is None else flat[flat != fill]
 
 
