@@ -63,3 +63,43 @@ def test_hysteresis_keeps_half_certain_edge_slices():
     assert (iv.lo, iv.hi) == (16, 43)
     iv = profile_interval(p + 0.0, sigma=0, extend=1.0)
     assert (iv.lo, iv.hi) == (16, 43)  # never past the background level itself
+
+
+def test_floor_keeps_a_sample_through_the_whole_axis():
+    # No background slice: the sample spans the axis, less certain towards one end (a cone's
+    # tip). Otsu's threshold on the profile alone splits the sample and cuts the tip.
+    p = np.linspace(0.9, 0.5, 64)
+    assert profile_interval(p, sigma=0).hi < 60
+    iv = profile_interval(p, sigma=0, floor=0.25)
+    # threshold = min(Otsu, (0.25 + p90) / 2) = 0.55 (p90 = 0.85); low = 0.55 - (0.55 - 0.25) / 2 = 0.40
+    assert iv.threshold == pytest.approx((0.25 + np.percentile(p, 90)) / 2)
+    assert (iv.lo, iv.hi, iv.found) == (0, 64, True)
+
+
+def test_floor_changes_nothing_where_the_background_is_at_chance():
+    p = bump(60, 20, 41)
+    assert (profile_interval(p, sigma=0, floor=0.25).lo, profile_interval(p, sigma=0, floor=0.25).hi) == (20, 41)
+    flat = np.full(40, 0.9)  # certain everywhere: without a floor there is no contrast to trust
+    assert profile_interval(flat, sigma=0).found is False
+    iv = profile_interval(flat, sigma=0, floor=0.25)
+    assert (iv.lo, iv.hi, iv.found) == (0, 40, True) and iv.contrast == pytest.approx(0.65)
+
+
+def test_featureless_certainty_hand_computed():
+    import torch
+
+    from tomoloc.localize.rotation import featureless_certainty
+    from tomoloc.sampling import inscribed_circle_mask
+
+    class Bright(torch.nn.Module):
+        """logit of angle 0 = the reference slice's mean; the other three 0."""
+
+        def forward(self, ref, twin):
+            m = ref.mean(dim=(1, 2, 3))
+            return torch.stack([m, 0 * m, 0 * m, 0 * m], dim=1)
+
+    like = np.full((5, 20, 24), 2.0, np.float32)  # no noise: every featureless slice is 2.0
+    like[0, 0, 0] = 2.5  # the median stays 2.0
+    mean = 2.0 * inscribed_circle_mask(16, 16).mean()  # resized to 16 x 16, masked by the circle
+    want = np.exp(mean) / (np.exp(mean) + 3)
+    assert featureless_certainty(Bright(), like, input_size=16, n=4) == pytest.approx(want, rel=1e-5)

@@ -214,7 +214,8 @@ def make_localizer(method: str, value: float | None = None, calibrate: Path | No
             raise UsageProblem(f"--model {model}: trained for the {loc.config.task} task, not rotation")
         return loc, {"method": "rotation", "model": str(model), "stride": stride,
                      "sigma": loc.sigma, "min_contrast": loc.min_contrast, "max_gap": loc.max_gap,
-                     "extend": loc.extend, "precision": precision}
+                     "extend": loc.extend, "keep": loc.keep, "floor_axes": list(loc.floor_axes),
+                     "precision": precision}
     if model is not None:
         raise UsageProblem("--model belongs to the self-supervised methods (--method rotation or sorting)")
     if method in ("otsu", "multiotsu") and (value is not None or calibrate is not None):

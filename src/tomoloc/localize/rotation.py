@@ -36,7 +36,7 @@ class Interval:
 
 def profile_interval(
     profile: np.ndarray, sigma: float = 1.0, min_contrast: float = 0.1, max_gap: float = 0.05,
-    extend: float = 0.5, keep: float = 0.0,
+    extend: float = 0.5, keep: float = 0.0, floor: float | None = None,
 ) -> Interval:
     """The sample's interval on a certainty profile ``(n,)``.
 
@@ -51,6 +51,12 @@ def profile_interval(
     half certain is not cut (0 disables). When the profile's contrast (90th minus 10th percentile) is below
     ``min_contrast`` there is no background/sample split to trust, and the whole axis is
     returned with ``found=False``: a crop must err on the side of too big.
+
+    ``floor``, when given, is the certainty a slice without features gets
+    (:func:`featureless_certainty`). The background level is then at most the floor, and the
+    threshold at most midway between it and the 90th percentile. Without it, a profile with
+    no background slices (a sample through the whole axis, more certain at one end) is
+    split in two by Otsu's threshold, and the less certain end is cut.
     """
     p = np.asarray(profile, dtype=np.float64)
     n = p.size
@@ -59,10 +65,14 @@ def profile_interval(
     if sigma > 0 and n > 1:
         p = gaussian_filter1d(p, sigma, mode="nearest")
     lo_level, hi_level = np.percentile(p, [10, 90])
+    if floor is not None:
+        lo_level = min(lo_level, float(floor))
     contrast = float(hi_level - lo_level)
     if n < 3 or contrast < min_contrast:
         return Interval(0, n, float("nan"), contrast, False)
     thr = float(threshold_otsu(p))
+    if floor is not None:
+        thr = min(thr, float(lo_level + hi_level) / 2)
     above = p > thr
     gap = max(1, int(round(max_gap * n)))
     runs = _runs(above)
@@ -117,6 +127,27 @@ def certainty_profile(
     return np.interp(np.arange(n), idx, p) if stride > 1 else p
 
 
+@torch.no_grad()
+def featureless_certainty(
+    net: torch.nn.Module, like: np.ndarray, input_size: int, n: int = 16, seed: int = 0,
+    batch_size: int = 128, device: str | torch.device = "cpu",
+) -> float:
+    """The certainty the network gives a slice with nothing in it, measured on ``like``'s level.
+
+    ``n`` axial slices of white noise at the median and pixel noise (from neighbour
+    differences along axis 2) of ``like`` ``(Z, Y, X)``, a normalised network view, go through
+    :func:`certainty_profile` along axis 0; the median is returned. For a model that has
+    learnt nothing but the task it is near chance (``1 / classes``); measured, it also holds
+    for a model that is biased on featureless input.
+    """
+    diff = np.diff(np.asarray(like, dtype=np.float32), axis=2).ravel()
+    noise = 1.4826 * float(np.median(np.abs(diff - np.median(diff)))) / np.sqrt(2) if diff.size else 0.0
+    rng = np.random.default_rng(seed)
+    flat = float(np.median(like)) + noise * rng.standard_normal((n + 1, *like.shape[1:]))
+    p = certainty_profile(net, flat.astype(np.float32), 0, input_size, batch_size=batch_size, device=device)
+    return float(np.median(p[:n]))
+
+
 @dataclass
 class RotationLocalizer(TrainedModel):
     """Box the sample from a trained rotation model's per-slice certainty.
@@ -130,6 +161,15 @@ class RotationLocalizer(TrainedModel):
         (of the holder's interior, for a model trained with ``holder="interior"``).
     stride : int
         Evaluate every ``stride``-th slice (others interpolated).
+    floor_axes : sequence of int
+        Axes whose interval uses the certainty of a featureless slice
+        (:func:`featureless_certainty`) as the ``floor`` of :func:`profile_interval`. Axis 0
+        by default: along the rotation axis the holder's interior view leaves background
+        slices with nothing but the medium, and their certainty is that of noise. Along axes
+        1 and 2 what repeats along axis 0 (ring artefacts are stripes there) makes background
+        slices more certain than noise, and the floor would let the interval run into them.
+        On an independent batch the floor on axis 0 took the MAE from 8.00 to 6.92 voxels and
+        the mean recall from 0.890 to 0.968; on all three axes, MAE 8.88 (BENCHMARKS.md).
     sigma, min_contrast, max_gap, extend, keep : float
         See :func:`profile_interval`. ``keep`` 0 (every run above the threshold, not only
         the strongest): a sample whose middle is less certain than its ends shows as two
@@ -145,6 +185,7 @@ class RotationLocalizer(TrainedModel):
 
     model_dir: str | os.PathLike
     axes: Sequence[int] = (0, 1, 2)
+    floor_axes: Sequence[int] = (0,)
     stride: int = 1
     sigma: float = 1.0
     min_contrast: float = 0.1
@@ -165,7 +206,7 @@ class RotationLocalizer(TrainedModel):
         work = working_copy(volume, cfg.max_voxels)
         view = network_view(work.data, cfg.holder)
         data = view.data
-        box, profiles, intervals = [], {}, {}
+        box, profiles, intervals, floors = [], {}, {}, {}
         for axis in range(3):
             n = data.shape[axis]
             if axis not in self.axes:
@@ -174,7 +215,11 @@ class RotationLocalizer(TrainedModel):
             with self._autocast():
                 prof = certainty_profile(self._net, data, axis, cfg.input_size, self.stride,
                                          self.batch_size, self._dev)
-            iv = profile_interval(prof, self.sigma, self.min_contrast, self.max_gap, self.extend, self.keep)
+                if axis in self.floor_axes:
+                    floors[axis] = featureless_certainty(self._net, data, cfg.input_size,
+                                                         batch_size=self.batch_size, device=self._dev)
+            iv = profile_interval(prof, self.sigma, self.min_contrast, self.max_gap, self.extend, self.keep,
+                                  floors.get(axis))
             profiles[axis], intervals[axis] = prof, iv
             box.append((iv.lo, iv.hi))
         found = [iv.found for iv in intervals.values()]
@@ -186,5 +231,5 @@ class RotationLocalizer(TrainedModel):
             {"factor": list(work.factor), "offset": list(view.offset),
              "profiles": {a: p.tolist() for a, p in profiles.items()},
              "intervals": {a: [iv.lo, iv.hi, iv.threshold, iv.contrast, iv.found] for a, iv in intervals.items()},
-             "min_contrast": contrast, "found": all(found)},
+             "floors": floors, "min_contrast": contrast, "found": all(found)},
         )
