@@ -168,8 +168,9 @@ class RotationLocalizer(TrainedModel):
         slices with nothing but the medium, and their certainty is that of noise. Along axes
         1 and 2 what repeats along axis 0 (ring artefacts are stripes there) makes background
         slices more certain than noise, and the floor would let the interval run into them.
-        On an independent batch the floor on axis 0 took the MAE from 8.00 to 6.92 voxels and
-        the mean recall from 0.890 to 0.968; on all three axes, MAE 8.88 (BENCHMARKS.md).
+        On the batch it was chosen on the floor on axis 0 took the MAE from 8.00 to 7.13 voxels
+        and the mean recall from 0.890 to 0.945 (on all three axes: MAE 8.88); elsewhere it was
+        neutral (BENCHMARKS.md, "Reading the localization results").
     sigma, min_contrast, max_gap, extend, keep : float
         See :func:`profile_interval`. ``keep`` 0 (every run above the threshold, not only
         the strongest): a sample whose middle is less certain than its ends shows as two
