@@ -69,6 +69,9 @@ def test_localize_rotation_finds_the_letter_slices(trained, tmp_path):
         assert prof["axis0"].shape == (N,)
         # certain on the letter, unsure on pure noise
         assert prof["axis0"][LETTER_Z[0] + 2:LETTER_Z[1] - 2].mean() > prof["axis0"][:LETTER_Z[0] - 1].mean() + 0.2
+        # the measured featureless certainty is that of the volume's own pure-noise slices
+        assert abs(float(prof["floor0"]) - prof["axis0"][:LETTER_Z[0] - 1].mean()) < 0.05  # 0.2400 / 0.2403 seen
+        assert "floor1" not in prof and "floor2" not in prof  # axis 0 only, by default
         assert (tmp_path / "boxes_details" / f"{stem}.png").stat().st_size > 1000
     assert json.loads(out.read_text())["config"]["model"] == str(d / "run")
 

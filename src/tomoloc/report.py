@@ -192,6 +192,7 @@ def profile_figure(
     truth: Bbox | None = None,
     title: str = "",
     offset: Sequence[int] = (0, 0, 0),
+    floors: dict[int, float] | None = None,
 ) -> plt.Figure:
     """Certainty profiles per axis with the chosen interval, above the orthogonal views.
 
@@ -199,7 +200,7 @@ def profile_figure(
     working copy (downsampled by ``factor[a]``; the view starts at ``offset[a]`` of the
     working copy, 0 unless it was cut to the holder's interior); it is drawn against
     original voxel coordinates. ``intervals[a]`` is ``[lo, hi, threshold, contrast, found]``
-    on that view.
+    on that view; ``floors[a]``, where given, the certainty of a featureless slice (drawn dotted).
     """
     fig = plt.figure(figsize=(10.5, 6.6), dpi=80, layout="constrained")
     top, bottom = fig.subfigures(2, 1, height_ratios=[1, 1.3])
@@ -218,6 +219,8 @@ def profile_figure(
             ax.axvline(truth[a][1], color="#34c759", ls="--", lw=1.2)
         if found:
             ax.axhline(thr, color="#ff9500", lw=0.8, label="threshold")
+        if floors and a in floors:
+            ax.axhline(floors[a], color="#8e8e93", lw=0.8, ls=":", label="featureless slice")
         ax.set_ylim(0, 1.02)
         ax.set_xlabel(f"axis {a} (voxels)", fontsize=8)
         ax.set_title(f"p(angle 0) along axis {a}" + ("" if found else " (no contrast)"), fontsize=9)
@@ -247,12 +250,14 @@ def write_profile_details(out_dir: str | os.PathLike, record: Any, truth: Bbox |
     arrays["factor"] = np.asarray(d["factor"])
     arrays["offset"] = np.asarray(d.get("offset", (0, 0, 0)))
     arrays["bbox"] = np.asarray(record.bbox)
+    floors = {int(a): float(f) for a, f in d.get("floors", {}).items()}
+    arrays.update({f"floor{a}": np.float32(f) for a, f in floors.items()})
     with atomic_path(out / f"{stem}_profiles.npz") as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
     with io.open_volume(record.volume) as vol:
         fig = profile_figure(vol, d["profiles"], d["intervals"], d["factor"], record.bbox, truth, record.name,
-                             d.get("offset", (0, 0, 0)))
+                             d.get("offset", (0, 0, 0)), floors)
         save_figure(fig, out / f"{stem}.png")
 
 
