@@ -75,7 +75,21 @@ def _peak(values: np.ndarray) -> tuple[float, float]:
     return float(centres[p]), peak_sigma(min(dark, bright) * width, width)
 
 
-def find_interior(data: np.ndarray, k_sigma: float = 4.0, max_wall: int = 10) -> Interior:
+def _filled(foreground: np.ndarray) -> np.ndarray | None:
+    """The components of ``foreground`` ``(Z, Y, X)`` of at least a tenth of the largest or 1%
+    of the voxels, each axial slice's holes filled; ``None`` when there is none."""
+    labels, n = ndimage.label(foreground)
+    if n == 0:
+        return None
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    keep = (sizes >= 0.1 * sizes.max()) | (sizes >= 0.01 * foreground.size)
+    keep[0] = False
+    return np.stack([ndimage.binary_fill_holes(s) for s in keep[labels]])
+
+
+def find_interior(data: np.ndarray, k_sigma: float = 4.0, max_wall: int = 10,
+                  max_filled: float = 0.95) -> Interior:
     """The holder's interior in a working copy ``data`` ``(Z, Y, X)`` (axis 0 = tube axis).
 
     1. Smooth (1 voxel), threshold at :func:`tomoloc.localize.threshold.multiotsu_threshold`,
@@ -83,6 +97,10 @@ def find_interior(data: np.ndarray, k_sigma: float = 4.0, max_wall: int = 10) ->
        as the multi-Otsu localizer has it, kept streak fragments outside the tube and
        widened the window of one test volume in eight from 59 to 87 voxels).
     2. Fill the holes of every axial slice: the tube's wall encloses its medium and sample.
+       Where that fills more than ``max_filled`` of the volume, nothing was set apart: the
+       foreground is then what differs from the histogram's peak by more than ``k_sigma`` of
+       its width, either way (a phase-contrast wall: a bright and a dark fringe around a
+       medium as grey as the air outside), if that fills less.
     3. The wall: the mean intensity at each in-plane depth from the filled region's edge is
        compared with the medium's level (the peak of the values deeper than 30% of the
        largest depth). The outer ``w`` depths that differ from it by more than ``k_sigma``
@@ -106,14 +124,19 @@ def find_interior(data: np.ndarray, k_sigma: float = 4.0, max_wall: int = 10) ->
     _smooth_in_place(d, 1.0, fill)
     values = measured_values(d, fill)
     value, _ = multiotsu_threshold(values[:: -(-values.size // _THRESHOLD_VALUES)])
-    labels, n = ndimage.label(d > value)
-    if n == 0:
+    filled = _filled(d > value)
+    if filled is not None and filled.mean() > max_filled:
+        # Nothing was set apart from its surroundings: in a phase-contrast scan whose medium
+        # matches the air outside, the wall is a bright and a dark fringe around that one
+        # level, and the lowest threshold split off the dark fringe alone. What differs from
+        # the level either way is the wall (and the sample).
+        background, spread = _peak(values[:: -(-values.size // _THRESHOLD_VALUES)])
+        if spread > 0:
+            two_sided = _filled(np.abs(d - background) > k_sigma * spread)
+            if two_sided is not None and two_sided.mean() <= max_filled:
+                filled = two_sided
+    if filled is None:
         return whole
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    keep = (sizes >= 0.1 * sizes.max()) | (sizes >= 0.01 * d.size)
-    keep[0] = False
-    filled = np.stack([ndimage.binary_fill_holes(s) for s in keep[labels]])
     depth = np.stack([ndimage.distance_transform_edt(s) for s in filled])
     deepest = float(depth.max())
     core = filled & (depth > 0.3 * deepest)
