@@ -119,3 +119,28 @@ def test_a_thin_sample_in_air_is_not_taken_for_a_container():
     assert not inner.found and (inner.y, inner.x) == ((0, SHAPE[1]), (0, SHAPE[2]))
     view = network_view(vol, "interior")
     assert view.data.shape == SHAPE and view.offset == (0, 0, 0) and view.wall == 0
+
+
+def test_a_phase_contrast_wall_around_a_medium_as_grey_as_the_air_is_found():
+    # Phase contrast: the medium reads as the air outside (0); the wall shows as a bright
+    # fringe with a dark one on each side. The lowest threshold then splits off the dark
+    # fringes alone and everything else fills the slice; what differs from 0 either way is
+    # the wall (and the sample).
+    z, y, x = np.mgrid[:SHAPE[0], :SHAPE[1], :SHAPE[2]]
+    r = np.hypot(y - CY, x - CX)
+    vol = np.zeros(SHAPE, np.float32)
+    vol[(r >= INNER) & (r < INNER + WALL)] = 1.0
+    vol[((r >= INNER - 2) & (r < INNER)) | ((r >= INNER + WALL) & (r < INNER + WALL + 2))] = -0.8
+    blob = (z - 20) ** 2 / 100 + (y - CY - 4) ** 2 / 36 + (x - CX + 3) ** 2 / 49 < 1
+    vol[blob] = 0.15  # faint: a fifth of the wall's fringe
+    vol += 0.02 * np.random.default_rng(3).standard_normal(SHAPE).astype(np.float32)
+    inner = find_interior(vol)
+    assert inner.found and 1 <= inner.wall <= WALL + 6  # the fringes are part of the wall
+    assert CY - INNER - 1 <= inner.y[0] and inner.y[1] <= CY + INNER + 1
+    assert CX - INNER - 1 <= inner.x[0] and inner.x[1] <= CX + INNER + 1
+    full = np.zeros(SHAPE, bool)
+    full[:, inner.y[0]:inner.y[1], inner.x[0]:inner.x[1]] = inner.mask
+    # The bright wall is left out (less its inner half voxel: the smoothing blurs the fringes).
+    assert full[blob].all() and not full[:, r[0] >= INNER + 0.5].any()
+    # Without the two-sided fallback the window was the whole slice.
+    assert find_interior(vol, max_filled=1.0).y == (0, SHAPE[1])
