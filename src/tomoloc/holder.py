@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["Interior", "find_interior", "interior_view"]
+__all__ = ["Interior", "find_interior", "interior_view", "pixel_noise"]
 
 
 @dataclass
@@ -123,14 +123,15 @@ def find_interior(data: np.ndarray, k_sigma: float = 4.0, max_wall: int = 10,
     fill = fill_value(d)
     _smooth_in_place(d, 1.0, fill)
     values = measured_values(d, fill)
-    value, _ = multiotsu_threshold(values[:: -(-values.size // _THRESHOLD_VALUES)])
+    values = values[:: -(-values.size // _THRESHOLD_VALUES)]
+    value, _ = multiotsu_threshold(values)
     filled = _filled(d > value)
     if filled is not None and filled.mean() > max_filled:
         # Nothing was set apart from its surroundings: in a phase-contrast scan whose medium
         # matches the air outside, the wall is a bright and a dark fringe around that one
         # level, and the lowest threshold split off the dark fringe alone. What differs from
         # the level either way is the wall (and the sample).
-        background, spread = _peak(values[:: -(-values.size // _THRESHOLD_VALUES)])
+        background, spread = _peak(values)
         if spread > 0:
             two_sided = _filled(np.abs(d - background) > k_sigma * spread)
             if two_sided is not None and two_sided.mean() <= max_filled:
@@ -166,6 +167,17 @@ def find_interior(data: np.ndarray, k_sigma: float = 4.0, max_wall: int = 10,
     return Interior(y, x, interior[:, y[0]:y[1], x[0]:x[1]], wall, True)
 
 
+def pixel_noise(data: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """The pixel noise's standard deviation in ``data`` ``(Z, Y, X)``, from neighbour differences
+    along axis 2 (between voxels both in ``mask``, if given): their MAD over sqrt(2), which
+    structure larger than a voxel barely moves."""
+    diff = data[:, :, 1:] - data[:, :, :-1]
+    if mask is not None:
+        diff = diff[mask[:, :, 1:] & mask[:, :, :-1]]
+    diff = np.asarray(diff, dtype=np.float32).ravel()
+    return 1.4826 * float(np.median(np.abs(diff - np.median(diff)))) / np.sqrt(2) if diff.size else 0.0
+
+
 def interior_view(data: np.ndarray, seed: int = 0) -> tuple[np.ndarray, tuple[int, int, int], int]:
     """``data`` ``(Z, Y, X)`` cut to its holder's interior, the rest made featureless.
 
@@ -186,9 +198,7 @@ def interior_view(data: np.ndarray, seed: int = 0) -> tuple[np.ndarray, tuple[in
     if not inner.found or inner.mask.all():
         return view, inner.offset, inner.wall
     inside = view[inner.mask]
-    pairs = inner.mask[:, :, 1:] & inner.mask[:, :, :-1]
-    diff = (view[:, :, 1:] - view[:, :, :-1])[pairs]
-    noise = 1.4826 * float(np.median(np.abs(diff - np.median(diff)))) / np.sqrt(2) if diff.size else 0.0
+    noise = pixel_noise(view, inner.mask)
     rng = np.random.default_rng(seed)
     outside = ~inner.mask
     view[outside] = float(np.median(inside)) + noise * rng.standard_normal(int(outside.sum())).astype(np.float32)

@@ -140,8 +140,9 @@ def featureless_certainty(
     learnt nothing but the task it is near chance (``1 / classes``); measured, it also holds
     for a model that is biased on featureless input.
     """
-    diff = np.diff(np.asarray(like, dtype=np.float32), axis=2).ravel()
-    noise = 1.4826 * float(np.median(np.abs(diff - np.median(diff)))) / np.sqrt(2) if diff.size else 0.0
+    from tomoloc.holder import pixel_noise
+
+    noise = pixel_noise(np.asarray(like, dtype=np.float32))
     rng = np.random.default_rng(seed)
     flat = float(np.median(like)) + noise * rng.standard_normal((n + 1, *like.shape[1:]))
     p = certainty_profile(net, flat.astype(np.float32), 0, input_size, batch_size=batch_size, device=device)
