@@ -78,13 +78,12 @@ def _peak(values: np.ndarray) -> tuple[float, float]:
 def _filled(foreground: np.ndarray) -> np.ndarray | None:
     """The components of ``foreground`` ``(Z, Y, X)`` of at least a tenth of the largest or 1%
     of the voxels, each axial slice's holes filled; ``None`` when there is none."""
-    labels, n = ndimage.label(foreground)
-    if n == 0:
+    from tomoloc.localize.base import kept_components
+
+    kept = kept_components(foreground, 0.1, 0.01)
+    if kept is None:
         return None
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    keep = (sizes >= 0.1 * sizes.max()) | (sizes >= 0.01 * foreground.size)
-    keep[0] = False
+    labels, keep = kept
     return np.stack([ndimage.binary_fill_holes(s) for s in keep[labels]])
 
 

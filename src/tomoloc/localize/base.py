@@ -51,15 +51,13 @@ def largest_component_bbox(binary: np.ndarray) -> Bbox | None:
     return components_bbox(binary, 1.0)
 
 
-def components_bbox(binary: np.ndarray, min_fraction: float, min_share: float = 0.0) -> Bbox | None:
-    """Box around every 6-connected component of at least ``min_fraction`` of the largest's
-    size, or of at least ``min_share`` of all voxels.
+def kept_components(binary: np.ndarray, min_fraction: float,
+                    min_share: float = 0.0) -> tuple[np.ndarray, np.ndarray] | None:
+    """The 6-connected components of ``binary`` and which to keep: those of at least
+    ``min_fraction`` of the largest's size, or of at least ``min_share`` of all voxels.
 
-    ``min_fraction=1`` (and ``min_share=0``) keeps only the largest (ties: all of them). A
-    sample in pieces (fins cut off by the threshold, several embryos) stays whole, and a
-    stray object larger than the sample (a scanner table, a lump of debris) makes the box
-    too big, not wrong; ``min_share`` keeps a sample that is small beside such an object.
-    ``None`` if ``binary`` is empty.
+    Returns ``(labels, keep)``, ``keep[label]`` True for a kept component (``keep[labels]`` is
+    their mask), or ``None`` if ``binary`` is empty.
     """
     labels, n = ndimage.label(binary)
     if n == 0:
@@ -70,6 +68,23 @@ def components_bbox(binary: np.ndarray, min_fraction: float, min_share: float = 
     if min_share > 0:
         keep |= sizes >= min_share * binary.size
     keep[0] = False
+    return labels, keep
+
+
+def components_bbox(binary: np.ndarray, min_fraction: float, min_share: float = 0.0) -> Bbox | None:
+    """Box around every 6-connected component of at least ``min_fraction`` of the largest's
+    size, or of at least ``min_share`` of all voxels.
+
+    ``min_fraction=1`` (and ``min_share=0``) keeps only the largest (ties: all of them). A
+    sample in pieces (fins cut off by the threshold, several embryos) stays whole, and a
+    stray object larger than the sample (a scanner table, a lump of debris) makes the box
+    too big, not wrong; ``min_share`` keeps a sample that is small beside such an object.
+    ``None`` if ``binary`` is empty.
+    """
+    kept = kept_components(binary, min_fraction, min_share)
+    if kept is None:
+        return None
+    labels, keep = kept
     objects = ndimage.find_objects(labels)
     sl = [objects[i - 1] for i in np.flatnonzero(keep)]
     return tuple((min(s[a].start for s in sl), max(s[a].stop for s in sl)) for a in range(3))  # type: ignore[return-value]
