@@ -143,6 +143,9 @@ def test_run_bad_arguments(batch, tmp_path):
     assert not (tmp_path / "o").exists()
     with pytest.raises(ValueError):
         RunConfig(method="sorting", margin=-2)
+    # each method's default margin, and a given margin means exactly that
+    assert [RunConfig(method=m).margin for m in ("multiotsu", "otsu", "sorting", "rotation")] == [4, 4, 16, 16]
+    assert RunConfig(method="rotation", margin=0).margin == 0 and RunConfig(margin=7).margin == 7
     with pytest.raises(ValueError, match="precision"):
         RunConfig(method="sorting", precision="fp8")
     assert RunConfig(method="sorting", precision="bf16").precision == "bf16"
@@ -279,9 +282,15 @@ def test_sorting_train_localize_and_run_end_to_end(cones, tmp_path):
 
     # the batch job reusing the model: details and report carry the variance figures
     out = tmp_path / "run"
-    res = run("run", *vols[:2], "--out", out, "--method", "sorting", "--model", tmp_path / "m", "--margin", 2)
+    res = run("run", *vols[:2], "--out", out, "--method", "sorting", "--model", tmp_path / "m")
     assert res.exit_code == 0, res.output
     assert (out / "details" / "cone_1.png").is_file() and not (out / "model").exists()
+    # no --margin: sorting's own default, 16 voxels per side (its boxes cut more than thresholding's)
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["config"]["margin"] == 16
+    for row in man["volumes"]:
+        want = [[max(0, lo - 16), min(n, hi + 16)] for (lo, hi), n in zip(row["bbox"], row["shape"])]
+        assert row["crop_bbox"] == want
     html = (out / "report.html").read_text()
     assert len(re.findall("data:image/png;base64,", html)) == 4  # orthoviews + variance figure per volume
 

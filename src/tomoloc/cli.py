@@ -52,7 +52,8 @@ SCHEDULER_HELP = ("Map volumes over Dask: 'local' (a LocalCluster of --workers p
 MAX_MEMORY_HELP = ("Peak memory per process, e.g. 1G or 768M, whatever the volume size: buffers are sized "
                    "to what the libraries and the model leave of it.")
 
-
+MARGIN_HELP = ("Voxels kept on both sides of every axis around the box, clipped to the volume (default: 4 for "
+               "multiotsu and otsu, 16 for sorting and rotation, whose boxes cut more; see README).")
 PRECISION_HELP = ("Rotation, sorting: the network passes in 32 (float32) or bf16 (bfloat16 autocast: twice as "
                   "fast on a CPU with AMX, boxes within 2 voxels; see README).")
 
@@ -556,7 +557,7 @@ def run_cmd(
     volumes: list[str] = typer.Argument(..., help="Volumes to box and crop (any supported format)."),
     out_dir: Path = typer.Option(..., "--out", help="Output folder: crops, boxes.json, manifest.json, report.html."),
     method: RunMethod = typer.Option(RunMethod.multiotsu, help="Localization method (see the README for which to pick)."),
-    margin: int = typer.Option(4, min=0, help="Voxels kept on both sides of every axis around the box."),
+    margin: Optional[int] = typer.Option(None, min=0, help=MARGIN_HELP),
     model: Optional[Path] = typer.Option(None, help="Reuse this trained run instead of training on the batch."),
     epochs: Optional[int] = typer.Option(None, min=1, help="Training epochs (default: the training default)."),
     steps: Optional[int] = typer.Option(None, min=1, help="Training steps per epoch."),
@@ -690,7 +691,7 @@ def watch(
     out_dir: Path = typer.Option(..., "--out", help="Job folder (crops, manifest.json: the watcher's state)."),
     model: Optional[Path] = typer.Option(None, help="Trained run (its task is the method); none: multiotsu."),
     method: Optional[RunMethod] = typer.Option(None, help="Localization method (default: the model's task)."),
-    margin: int = typer.Option(4, min=0, help="Voxels kept on both sides of every axis around the box."),
+    margin: Optional[int] = typer.Option(None, min=0, help=MARGIN_HELP),
     fmt: Optional[Format] = typer.Option(None, "--format", help="Output format (default: each input's)."),
     device: str = typer.Option("auto", help="auto (GPU when available) or cpu."),
     seed: int = typer.Option(0, help="Random seed (dropout masks)."),

@@ -56,6 +56,12 @@ __all__ = ["METHODS", "RESULT_KEYS", "THRESHOLD_METHODS", "RunConfig", "VolumeFa
 METHODS = ("multiotsu", "sorting", "rotation", "otsu")
 #: Methods that need no trained model.
 THRESHOLD_METHODS = ("multiotsu", "otsu")
+#: The crop margin (voxels per side) each method gets when none is given. Thresholding: 4,
+#: for the faint edges of data unlike ours (our second generator's phantoms: 8 of 200 samples
+#: cut at margin 0, 1 at 4). The self-supervised boxes cut more: 16 is the smallest margin
+#: that cut no sample on the batches we measured (BENCHMARKS.md, "tomoloc run: storage saved
+#: without cutting the sample"). A crop must err on the side of too big.
+DEFAULT_MARGINS = {"multiotsu": 4, "otsu": 4, "sorting": 16, "rotation": 16}
 _OUTPUT_FILES = ("boxes.json", "manifest.json", "report.html", "run_config.json")
 #: The :class:`RunConfig` fields that decide a job's results: a resumed job must match them.
 RESULT_KEYS = ("method", "margin", "model", "epochs", "steps", "seed", "format", "low_confidence", "precision")
@@ -73,9 +79,10 @@ class RunConfig:
         ``"multiotsu"`` (the default: thresholding built not to cut the sample, see
         :class:`tomoloc.localize.MultiOtsuLocalizer`), ``"sorting"``, ``"rotation"``
         (self-supervised; trained on the batch unless ``model`` is given) or ``"otsu"``.
-    margin : int
+    margin : int, optional
         Voxels added to both sides of every axis of the box before cropping (clipped to the
-        volume). A crop must err on the side of too big.
+        volume). ``None`` (the default): the method's :data:`DEFAULT_MARGINS` (4 for the
+        thresholdings, 16 for sorting and rotation), set in place when the config is made.
     model : str, optional
         Run directory of a trained model to reuse instead of training.
     epochs, steps : int, optional
@@ -99,7 +106,7 @@ class RunConfig:
     """
 
     method: str = "multiotsu"
-    margin: int = 4
+    margin: int | None = None
     model: str | None = None
     epochs: int | None = None
     steps: int | None = None
@@ -114,6 +121,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.margin is None:
+            self.margin = DEFAULT_MARGINS[self.method]
         if self.margin < 0:
             raise ValueError(f"margin must be >= 0, got {self.margin}")
         if self.model is not None and self.method in THRESHOLD_METHODS:
