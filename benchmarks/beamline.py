@@ -1,11 +1,12 @@
 """Beamline scale: `tomoloc run` on one big volume against `cp`, and volumes per hour over Dask.
 
-    python benchmarks/beamline.py [--gb 4] [--methods sorting sorting-bf16 multiotsu otsu] [--n-rate 4]
+    python benchmarks/beamline.py [--gb 4] [--methods sorting sorting-bf16 rotation multiotsu otsu] [--n-rate 4]
                                   [--workers 1 2] [--repeats 3] [--skip-big] [--skip-rate] [--tmp DIR]
 
 1. Trains a small sorting model on 4 synthetic volumes of 64x96x96 (2 epochs x 20 steps,
-   CPU): the `--model` the runs below reuse. Small on purpose: this measures throughput and
-   memory, not box quality.
+   CPU), and a rotation model the same way when a rotation row is asked for: the `--model`
+   the runs below reuse. Small on purpose: this measures throughput and memory, not box
+   quality.
 2. Big volume: a synthetic mixed phantom (sample in a tube, 64x90x90) upsampled x16 with
    per-voxel noise into a uint16 .npy of about ``--gb`` GiB, written slab by slab. For each
    method, `tomoloc run BIG --out OUT [--model RUN]` (localize + crop + verify + report) and
@@ -98,17 +99,17 @@ def tomoloc(*args: str) -> list[str]:
     return [sys.executable, "-m", "tomoloc.cli", *args]
 
 
-def train_model(tmp: Path) -> Path:
+def train_model(tmp: Path, task: str = "sorting") -> Path:
     from tomoloc.synth import write_batch
     from tomoloc.training import TrainConfig, quiet_lightning, train
 
     quiet_lightning()
-    gt = write_batch(tmp / "train", n=4, kind="mixed", shape=(64, 96, 96), seed=40)
+    gt = write_batch(tmp / f"train_{task}", n=4, kind="mixed", shape=(64, 96, 96), seed=40)
     vols = sorted(str(p) for p in gt.parent.glob("vol_*[0-9].npy"))
-    run = tmp / "model"
+    run = tmp / ("model" if task == "sorting" else f"model_{task}")
     t0 = time.perf_counter()
-    train(vols, run, TrainConfig(task="sorting", epochs=2, steps_per_epoch=20, devices="cpu"), progress=False)
-    print(f"trained the sorting model in {time.perf_counter() - t0:.0f} s", flush=True)
+    train(vols, run, TrainConfig(task=task, epochs=2, steps_per_epoch=20, devices="cpu"), progress=False)
+    print(f"trained the {task} model in {time.perf_counter() - t0:.0f} s", flush=True)
     return run
 
 
@@ -124,7 +125,7 @@ def big_volume(tmp: Path, gb: float) -> Path:
     return path
 
 
-def bench_big(tmp: Path, model: Path, gb: float, methods: list[str], repeats: int) -> list[str]:
+def bench_big(tmp: Path, models: dict[str, Path], gb: float, methods: list[str], repeats: int) -> list[str]:
     big = big_volume(tmp, gb)
     size = big.stat().st_size
     rows = []
@@ -132,7 +133,7 @@ def bench_big(tmp: Path, model: Path, gb: float, methods: list[str], repeats: in
 
     def run_cmd(method: str) -> list[str]:
         name, _, precision = method.partition("-")  # "sorting-bf16": --precision bf16
-        extra = ["--model", str(model)] if name == "sorting" else []
+        extra = ["--model", str(models[name])] if name in models else []
         extra += ["--precision", precision] if precision else []
         return tomoloc("run", str(big), "--out", str(out), "--method", name, "--device", "cpu", *extra)
 
@@ -198,7 +199,8 @@ def bench_rate(tmp: Path, model: Path, n: int, workers: list[int]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gb", type=float, default=4.0)
-    ap.add_argument("--methods", nargs="+", default=["sorting", "multiotsu"], choices=["sorting", "sorting-bf16", "multiotsu", "otsu"])
+    ap.add_argument("--methods", nargs="+", default=["sorting", "multiotsu"],
+                    choices=["sorting", "sorting-bf16", "rotation", "rotation-bf16", "multiotsu", "otsu"])
     ap.add_argument("--n-rate", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3, help="cp/run pairs per method and page-cache state")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
@@ -210,20 +212,25 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="tomoloc-beamline-", dir=args.tmp))
     try:
         model = args.model or train_model(tmp)
-        big = [] if args.skip_big else bench_big(tmp, model, args.gb, args.methods, args.repeats)
+        models = {"sorting": model}
+        if not args.skip_big and any(m.startswith("rotation") for m in args.methods):
+            models["rotation"] = train_model(tmp, "rotation")
+        big = [] if args.skip_big else bench_big(tmp, models, args.gb, args.methods, args.repeats)
         rate = [] if args.skip_rate else bench_rate(tmp, model, args.n_rate, args.workers)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     trained = ("trained beforehand and passed with --model" if args.model else "trained here")
     body = [
         f"Model for `--model`: a sorting run on 4 synthetic mixed volumes of 64x96x96, 2 epochs x 20 steps on the "
-        f"CPU, {trained} (small on purpose: these figures are throughput and memory, not box quality). Load "
+        f"CPU, {trained}; for the rotation rows a rotation run trained the same way, here (small on purpose: "
+        "these figures are throughput and memory, not box quality). Each method crops with its default margin "
+        "(4 voxels for the thresholdings, 16 for sorting and rotation). Load "
         "average (1, 5, 15 min) from /proc/loadavg right after each measurement; the 2 cores are shared.",
         "",
     ]
     if big:
         body += [
-            "sorting-bf16: `--precision bf16` (the network passes in bfloat16 autocast). "
+            "A method named M-bf16 runs with `--precision bf16` (the network passes in bfloat16 autocast). "
             f"One uint16 volume of about {args.gb:g} GiB (.npy; a 64x90x90 phantom upsampled with per-voxel noise). "
             "`tomoloc run BIG --out OUT --method M [--model RUN] --device cpu` (localize, crop, verify the crop by "
             "re-reading it, figures, report) against `cp BIG COPY`, each a child process: wall time and peak RSS "

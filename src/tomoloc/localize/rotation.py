@@ -181,6 +181,10 @@ class RotationLocalizer(TrainedModel):
         Checkpoint: ``"best"`` (lowest validation loss) or ``"last"``.
     device : str
         ``"auto"`` (GPU when available), ``"cpu"``, ``"cuda"``...
+    batch_size : int, optional
+        Pairs per forward pass; default 32 on a CPU, 128 on a GPU. On 2 cores 32 ran as fast as
+        128 (1.09-1.11 against 1.17-1.19 s per 96x128x128 volume) and the process peaked 126 MiB
+        lower (837 against 963 MiB with the model loaded); 16 took 1.17 s.
     precision : str
         ``"32"`` (default) or ``"bf16"`` (bfloat16 autocast; see ``TrainedModel._autocast``).
     """
@@ -196,11 +200,16 @@ class RotationLocalizer(TrainedModel):
     keep: float = 0.0
     which: str = "best"
     device: str = "auto"
-    batch_size: int = 128
+    batch_size: int | None = None
     precision: str = "32"
     name: str = "rotation"
     _net: Any = field(default=None, init=False, repr=False)
     _config: Any = field(default=None, init=False, repr=False)
+
+    def _batch(self) -> int:
+        if self.batch_size is not None:
+            return int(self.batch_size)
+        return 32 if torch.device(self._dev).type == "cpu" else 128
 
     def localize(self, volume: Any) -> Localization:
         self._load()
@@ -216,10 +225,10 @@ class RotationLocalizer(TrainedModel):
                 continue
             with self._autocast():
                 prof = certainty_profile(self._net, data, axis, cfg.input_size, self.stride,
-                                         self.batch_size, self._dev)
+                                         self._batch(), self._dev)
                 if axis in self.floor_axes:
                     floors[axis] = featureless_certainty(self._net, data, cfg.input_size,
-                                                         batch_size=self.batch_size, device=self._dev)
+                                                         batch_size=self._batch(), device=self._dev)
             iv = profile_interval(prof, self.sigma, self.min_contrast, self.max_gap, self.extend, self.keep,
                                   floors.get(axis))
             profiles[axis], intervals[axis] = prof, iv
