@@ -118,6 +118,21 @@ def test_a_model_trained_on_the_holder_interior_boxes_in_the_whole_volume(traine
     assert inner.x[0] - inner.wall <= x0 < x1 <= inner.x[1] + inner.wall
 
 
+def test_rotation_batch_size_does_not_change_the_profiles(trained):
+    from tomoloc.localize.rotation import RotationLocalizer
+
+    d, vols = trained
+    vol = np.load(vols[0])
+    auto = RotationLocalizer(d / "run", device="cpu")
+    res = auto.localize(vol)
+    assert auto._batch() == 32  # the CPU default: as fast as 128 pairs, 126 MiB lower peak (BENCHMARKS.md)
+    small = RotationLocalizer(d / "run", device="cpu", batch_size=5)  # batches that do not divide N
+    res5 = small.localize(vol)
+    assert small._batch() == 5 and res5.bbox == res.bbox
+    for a in res.details["profiles"]:
+        np.testing.assert_allclose(res5.details["profiles"][a], res.details["profiles"][a], atol=1e-5)
+
+
 def test_rotation_needs_a_model_of_the_right_kind(trained, tmp_path):
     d, vols = trained
     res = run("localize", vols[0], "--method", "rotation", "--out", tmp_path / "b.json")
