@@ -130,6 +130,16 @@ class TrainedModel:
             return contextlib.nullcontext()
         return torch.autocast(torch.device(self._dev).type, dtype=torch.bfloat16)
 
+    def _batch_size(self, cpu: int, gpu: int = 128) -> int:
+        """The host's ``batch_size``, or when it is ``None`` ``cpu`` on a CPU and ``gpu`` on a
+        GPU (the network passes' activations are what a CPU job's memory budget feels)."""
+        size = getattr(self, "batch_size", None)
+        if size is not None:
+            return int(size)
+        import torch
+
+        return cpu if torch.device(self._dev).type == "cpu" else gpu
+
     def _load(self) -> None:
         precision = getattr(self, "precision", "32")
         if precision not in PRECISIONS:

@@ -207,9 +207,7 @@ class RotationLocalizer(TrainedModel):
     _config: Any = field(default=None, init=False, repr=False)
 
     def _batch(self) -> int:
-        if self.batch_size is not None:
-            return int(self.batch_size)
-        return 32 if torch.device(self._dev).type == "cpu" else 128
+        return self._batch_size(cpu=32)
 
     def localize(self, volume: Any) -> Localization:
         self._load()

@@ -299,9 +299,7 @@ class SortingLocalizer(TrainedModel):
     _config: Any = field(default=None, init=False, repr=False)
 
     def _batch(self) -> int:
-        if self.batch_size is not None:
-            return int(self.batch_size)
-        return 16 if torch.device(self._dev).type == "cpu" else 128
+        return self._batch_size(cpu=16)
 
     def score_volume(self, data: np.ndarray) -> tuple[np.ndarray, dict[int, np.ndarray]]:
         """Uncertainty on the working-copy grid ``data.shape``, and the raw per-axis maps."""
