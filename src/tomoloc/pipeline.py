@@ -59,8 +59,9 @@ THRESHOLD_METHODS = ("multiotsu", "otsu")
 #: The crop margin (voxels per side) each method gets when none is given. Thresholding: 4,
 #: for the faint edges of data unlike ours (our second generator's phantoms: 8 of 200 samples
 #: cut at margin 0, 1 at 4). The self-supervised boxes cut more: 16 is the smallest margin
-#: that cut no sample on the batches we measured (BENCHMARKS.md, "tomoloc run: storage saved
-#: without cutting the sample"). A crop must err on the side of too big.
+#: that cut no sample on the batches of our generator we measured; on the second generator's
+#: phantoms rotation still cut 7 of 184 at 16 (BENCHMARKS.md, "Reading the sorting and
+#: `tomoloc run` results"). A crop must err on the side of too big.
 DEFAULT_MARGINS = {"multiotsu": 4, "otsu": 4, "sorting": 16, "rotation": 16}
 _OUTPUT_FILES = ("boxes.json", "manifest.json", "report.html", "run_config.json")
 #: The :class:`RunConfig` fields that decide a job's results: a resumed job must match them.
