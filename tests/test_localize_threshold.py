@@ -139,9 +139,60 @@ def test_multiotsu_keeps_a_sample_much_smaller_than_a_dense_slab():
 def test_multiotsu_ignores_a_bright_speck_and_finds_the_cube():
     vol, box = easy_volume()
     vol[0, 0, 0] = 5.0  # one voxel: far below a tenth of the sample's size
-    assert MultiOtsuLocalizer(smooth=0.0).localize(vol).bbox == box
-    smoothed = MultiOtsuLocalizer().localize(vol).bbox  # edges move by at most a voxel
+    assert MultiOtsuLocalizer(smooth=0.0, grow=1.0).localize(vol).bbox == box
+    smoothed = MultiOtsuLocalizer(grow=1.0).localize(vol).bbox  # edges move by at most a voxel
     assert all(t0 - 1 <= lo <= t0 and t1 <= hi <= t1 + 1 for (lo, hi), (t0, t1) in zip(smoothed, box))
+    # Growing into the blurred edge's tail (half way down to the background) adds at most
+    # two voxels a side, and never takes anything away.
+    grown = MultiOtsuLocalizer().localize(vol).bbox
+    assert all(t0 - 2 <= lo <= s0 and s1 <= hi <= t1 + 2
+               for (lo, hi), (s0, s1), (t0, t1) in zip(grown, smoothed, box))
+
+
+def legged_volume(seed=0, leg=0.6):
+    """Air 0 with noise, a body at 1 (z 8-16, y 10-22, x 10-22) and a leg one voxel thin at
+    ``leg`` (partial volume) running from the body's side out to x 36, plus a separate
+    blob of 2x2x2 voxels at the same level that touches nothing."""
+    rng = np.random.default_rng(seed)
+    vol = rng.normal(0.0, 0.03, (24, 32, 40)).astype(np.float32)
+    vol[8:16, 10:22, 10:22] += 1.0
+    vol[12, 16, 22:36] += leg
+    vol[2:4, 26:28, 2:4] += leg
+    return vol
+
+
+def test_multiotsu_grows_into_a_thin_leg_by_hysteresis():
+    vol = legged_volume()
+    plain = MultiOtsuLocalizer(grow=1.0).localize(vol)
+    assert plain.bbox[2][1] <= 24  # the leg is under the threshold: cut off (smoothing: +1)
+    loc = MultiOtsuLocalizer().localize(vol)
+    t, bg = loc.details["threshold"], 0.0
+    assert loc.details["grow_threshold"] == pytest.approx(bg + 0.5 * (t - bg), abs=0.02)
+    # Smoothed over 1 voxel, the leg keeps a sixth of its level (0.6 / (2 pi) = 0.095):
+    # under the threshold, over half of it, and attached: the box runs out to its tip. The
+    # blob, too small a component to keep and attached to nothing, stays out.
+    assert loc.details["grow_threshold"] < 0.6 / (2 * np.pi) < t
+    assert 35 <= loc.bbox[2][1] <= 37
+    assert loc.bbox[0][0] >= 6 and loc.bbox[1][1] <= 24 and loc.bbox[2][0] >= 8
+
+
+@pytest.mark.parametrize("grow", [-0.1, 1.5])
+def test_multiotsu_rejects_a_grow_outside_0_1(grow):
+    with pytest.raises(ValueError, match="grow must be between 0 and 1"):
+        MultiOtsuLocalizer(grow=grow)
+
+
+def test_grown_bbox_takes_only_components_touching_the_core():
+    from tomoloc.localize.threshold import grown_bbox
+
+    data = np.zeros((4, 10, 10), np.float32)
+    data[1:3, 1:3, 1:3] = 1.0  # the core
+    data[1, 2, 3:8] = 0.4  # weak, attached
+    data[1, 8, 8] = 0.4  # weak, alone
+    core = data > 0.5
+    assert grown_bbox(data, core, 0.3) == ((1, 3), (1, 3), (1, 8))
+    assert grown_bbox(data, core, 0.5) == ((1, 3), (1, 3), (1, 3))
+    assert grown_bbox(data, core, -1.0) == ((0, 4), (0, 10), (0, 10))  # everything is connected
 
 
 def test_multiotsu_threshold_hand_computed_levels_and_fallback():

@@ -21,7 +21,7 @@ from tomoloc.boxes import Bbox
 from tomoloc.localize.base import (
     Localization,
     WorkingCopy,
-    components_bbox,
+    kept_components,
     largest_component_bbox,
     whole_volume,
     working_copy,
@@ -96,26 +96,61 @@ def multiotsu_threshold(values: np.ndarray, classes: int = 3, max_valley: float 
     rule : str
         ``"multiotsu"``, ``"background"`` (peak + ``k_sigma`` deviations) or ``"otsu"``.
     """
-    from scipy.ndimage import gaussian_filter1d
-
     values = np.asarray(values).ravel()
     values = np.clip(values, *np.percentile(values, clip))
     try:
         low = float(threshold_multiotsu(values, classes=classes)[0])
     except ValueError:  # fewer distinct levels than classes
         return float(threshold_otsu(values)), "otsu"
-    hist, edges = np.histogram(values, bins=256)
-    hist = gaussian_filter1d(hist.astype(np.float64), 2.0)
+    hist, edges = _histogram(values)
     i = int(np.clip(np.searchsorted(edges, low) - 1, 0, hist.size - 1))
     if hist[i] <= max_valley * hist[: i + 1].max():
         return low, "multiotsu"
+    level, sigma = _highest_peak(hist, edges)
+    background = level + k_sigma * sigma
+    otsu = float(threshold_otsu(values))
+    return (background, "background") if background < otsu else (otsu, "otsu")
+
+
+def _histogram(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """256-bin histogram of ``values`` (already clipped), smoothed over 2 bins, and its edges."""
+    from scipy.ndimage import gaussian_filter1d
+
+    hist, edges = np.histogram(values, bins=256)
+    return gaussian_filter1d(hist.astype(np.float64), 2.0), edges
+
+
+def _highest_peak(hist: np.ndarray, edges: np.ndarray) -> tuple[float, float]:
+    """The histogram's highest peak (the background: air or medium) and its standard
+    deviation, from the half width of its dark flank (the sample does not reach it)."""
     centres = (edges[:-1] + edges[1:]) / 2
     peak = int(hist.argmax())
     width = centres[1] - centres[0]
-    sigma = peak_sigma((peak - half_max_crossing(hist, peak, -1)) * width, width)
-    background = float(centres[peak] + k_sigma * sigma)
-    otsu = float(threshold_otsu(values))
-    return (background, "background") if background < otsu else (otsu, "otsu")
+    return float(centres[peak]), peak_sigma((peak - half_max_crossing(hist, peak, -1)) * width, width)
+
+
+def background_level(values: np.ndarray, clip: tuple[float, float] = (0.1, 99.9)) -> float:
+    """The background's level among ``values``: the highest peak of their histogram (256
+    bins, smoothed over 2), the values first clipped to the ``clip`` percentiles as
+    :func:`multiotsu_threshold` clips them."""
+    values = np.asarray(values).ravel()
+    values = np.clip(values, *np.percentile(values, clip))
+    return _highest_peak(*_histogram(values))[0]
+
+
+def grown_bbox(data: np.ndarray, core: np.ndarray, low: float) -> Bbox:
+    """Box of ``core`` and of every 6-connected component of ``data > low`` that touches it
+    (hysteresis thresholding: the strong voxels are ``core``, the weak ones above ``low``).
+
+    ``core`` must not be empty.
+    """
+    from scipy import ndimage
+
+    labels, n = ndimage.label((data > low) | core)
+    touching = np.unique(labels[core])
+    objects = ndimage.find_objects(labels)
+    sl = [objects[i - 1] for i in touching if i > 0]
+    return tuple((min(s[a].start for s in sl), max(s[a].stop for s in sl)) for a in range(3))  # type: ignore[return-value]
 
 
 def half_max_crossing(hist: np.ndarray, peak: int, step: int, interpolate: bool = True) -> float:
@@ -170,6 +205,15 @@ class MultiOtsuLocalizer:
     out): in noisy scans where the sample is a shoulder of the background's histogram peak,
     the unsmoothed threshold lay above it (2 of 60 phantoms of a second generator).
 
+    Thin parts of a sample (legs, antennae, fins, roots, hairs) are thinner than the scan's
+    blur: their voxels are partly sample and partly background, and they fall under a
+    threshold that the body clears. So the box also takes, by hysteresis, every voxel at
+    least ``grow`` of the way from the background's level (the histogram's highest peak) to
+    the threshold that is connected to a kept component; ``grow=1`` turns it off. On held-out
+    phantoms of a third generator (insects with 1-2 voxel legs among them) the boxes cut 2
+    of 400 samples at the 4-voxel margin with it and 10 without, for crops 1.17x instead of
+    1.23x smaller (BENCHMARKS.md, "Stray bright objects").
+
     The recall-first thresholding method (the default of ``tomoloc run``). On our synthetic
     batches its boxes at margin 0 kept every sample voxel and were smaller than Otsu's at the
     smallest margin that was safe for Otsu; with a slab brighter than the sample in the
@@ -180,8 +224,13 @@ class MultiOtsuLocalizer:
     min_fraction: float = 0.1
     min_share: float = 0.001
     smooth: float = 1.0
+    grow: float = 0.5
     max_voxels: int = 256**3
     name: str = "multiotsu"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.grow <= 1.0:
+            raise ValueError(f"grow must be between 0 and 1 (1: no hysteresis), got {self.grow}")
 
     def localize(self, volume: Any) -> Localization:
         work = working_copy(volume, self.max_voxels)
@@ -193,10 +242,18 @@ class MultiOtsuLocalizer:
         # percentile and clip copies stay small (the peak is the working copy's labels).
         values = values[:: -(-values.size // _THRESHOLD_VALUES)]
         value, rule = multiotsu_threshold(values, self.classes)
-        box = components_bbox(work.data > value, self.min_fraction, self.min_share)
-        details = {"threshold": value, "threshold_rule": rule, "found": box is not None}
-        if box is None:
+        kept = kept_components(work.data > value, self.min_fraction, self.min_share)
+        details: dict[str, Any] = {"threshold": value, "threshold_rule": rule, "found": kept is not None}
+        if kept is None:
             return Localization(whole_volume(work.shape), self.name, 0.0, details)
+        labels, keep = kept
+        core = keep[labels]
+        del labels, kept  # the next labelling needs the room
+        background = background_level(values)
+        # A threshold at or below the background's level has no weaker voxels to grow into.
+        low = min(value, background + self.grow * (value - background))
+        details["grow_threshold"] = low
+        box = grown_bbox(work.data, core, low)
         return Localization(work.to_original(box), self.name, 1.0, details)
 
 
