@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from tomoloc.boxes import expand_bbox
+from tomoloc.metrics import bbox_volume, recall
 
 
 def main(boxes_file: str, base: str = ".") -> None:
@@ -30,8 +31,7 @@ def main(boxes_file: str, base: str = ".") -> None:
                "size": mask.size}
         for m in (0, 4, 8, 16):
             box = expand_bbox(b["bbox"], m, mask.shape)
-            inside = mask[tuple(slice(lo, hi) for lo, hi in box)].sum()
-            row[m] = (inside / mask.sum(), int(np.prod([hi - lo for lo, hi in box])))
+            row[m] = (recall(box, mask), bbox_volume(box))
         rows.append(row)
     print(f"{boxes_file}: {len(rows)} volumes, {sum(r['full'] for r in rows)} boxes of the whole volume")
     for m in (0, 4, 8, 16):
