@@ -512,6 +512,7 @@ def make_phantom(seed: int, shape: tuple[int, int, int] = (64, 96, 96)) -> tuple
     if rng.random() < 0.3:  # reconstruction circle
         cval = 0.0 if rng.random() < 0.5 else float(vol.min())
         vol[:, r2 > min(Y, X) / 2] = cval
+        mask[:, r2 > min(Y, X) / 2] = False  # a sample beyond the field of view is not in the volume
         art["recon_circle"] = cval
     if mode == "uint16":
         lo, hi = np.percentile(vol, [0.01, 99.99])

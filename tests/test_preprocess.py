@@ -91,3 +91,89 @@ def test_fill_must_have_the_shape_of_a_field_of_view():
     ball = np.where((z - 8) ** 2 + (y - 20) ** 2 + (x - 20) ** 2 < 7**2, data, np.float32(0))
     assert fill_value(ball) is None  # a sample in an exact-zero background: its section changes with z
     assert fill_value(ball.ravel()) == 0.0  # without the volume's shape only the value test applies
+
+
+def _circle_filled_with_zero(z=24, n=48, seed=0, air=-0.3, sample=1.0):
+    """Negative noisy air in the inscribed disc, a bright ball in it, 0 outside the disc
+    (tomopy's circular mask), and the ball's box."""
+    rng = np.random.default_rng(seed)
+    zz, y, x = np.indices((z, n, n))
+    vol = rng.normal(air, 0.03, zz.shape).astype(np.float32)
+    ball = (zz - 12) ** 2 + (y - 20) ** 2 + (x - 26) ** 2 < 6**2
+    vol[ball] = sample
+    vol[:, (y[0] - (n - 1) / 2) ** 2 + (x[0] - (n - 1) / 2) ** 2 > (n / 2) ** 2] = 0.0
+    return vol, ((7, 18), (15, 26), (21, 32))
+
+
+def test_a_fill_above_the_minimum_is_found_and_moved_below_the_data():
+    from tomoloc.preprocess import fill_value, lower_fill, measured_values
+
+    from tomoloc.localize.threshold import thresholding_copy
+
+    vol, _ = _circle_filled_with_zero()
+    # Not the minimum (air is at -0.3): data for the networks' inputs, as it always was ...
+    assert fill_value(vol) is None and measured_values(vol).size == vol.size
+    np.testing.assert_array_equal(working_copy(vol).data, vol)
+    work = vol.copy()
+    new = lower_fill(work)
+    measured = work[vol != 0.0]
+    np.testing.assert_array_equal(measured, vol[vol != 0.0])  # the data is untouched
+    lo, hi = np.percentile(measured, [0.1, 99.9])
+    assert new == pytest.approx(measured.min() - 0.05 * (hi - lo), rel=1e-5)
+    np.testing.assert_array_equal(work[vol == 0.0], np.float32(new))
+    # ... and for the thresholdings an ordinary fill at the minimum
+    assert fill_value(work) == new and lower_fill(work) is None
+    np.testing.assert_array_equal(thresholding_copy(vol).data, work)
+    assert vol.max() == 1.0 and np.count_nonzero(vol == 0.0) > 0  # the input is not changed
+
+
+def test_a_fill_above_the_minimum_does_not_make_the_box_the_whole_volume():
+    from tomoloc.localize import MultiOtsuLocalizer, OtsuLocalizer
+
+    vol, ball = _circle_filled_with_zero()
+    before = vol.copy()
+    for loc in (MultiOtsuLocalizer(), OtsuLocalizer()):
+        box = loc.localize(vol).bbox
+        assert all(lo <= blo and bhi <= hi and blo - lo <= 2 and hi - bhi <= 2
+                   for (lo, hi), (blo, bhi) in zip(box, ball)), (loc.name, box)
+    np.testing.assert_array_equal(vol, before)
+    # Downsampled twice, block means blend the 0 with the air into a bright ring at the
+    # field of view's edge; it goes with the fill, and the box still holds the ball alone.
+    vol, ball = _circle_filled_with_zero(air=-1.0, sample=-0.5)  # the fill is brighter than all data
+    box = MultiOtsuLocalizer(max_voxels=vol.size // 8).localize(vol).bbox
+    assert all(lo <= blo and bhi <= hi and hi - lo <= bhi - blo + 12 for (lo, hi), (blo, bhi) in zip(box, ball)), box
+
+
+def test_a_constant_that_is_not_a_fill_is_left_as_data():
+    from tomoloc.preprocess import fill_value, lower_fill
+
+    rng = np.random.default_rng(1)
+    noisy = rng.normal(0.0, 1.0, (12, 32, 32)).astype(np.float32)
+    assert fill_value(noisy) is None and lower_fill(noisy.copy()) is None  # the corners are never one value
+    # Noise-free air at 0.5 around a ball, with a darker speck holding the minimum: the
+    # corners are one value, but what is not at that value is a ball, no field of view.
+    z, y, x = np.indices((24, 32, 32))
+    ball = np.where((z - 12) ** 2 + (y - 16) ** 2 + (x - 16) ** 2 < 8**2, 1.0, 0.5).astype(np.float32)
+    ball[3, 3, 3] = 0.0
+    assert fill_value(ball) is None
+    copy = ball.copy()
+    assert lower_fill(copy) is None
+    np.testing.assert_array_equal(copy, ball)
+
+
+def test_constant_air_around_an_off_centre_tube_is_no_fill():
+    # A smoothed 8-bit export: the air is one exact value (12, not the minimum: a dark medium
+    # is below it), the tube off centre. The corners hold one value and the rest is the same
+    # region in every slice, but it is no reconstruction circle: no disc around the axis.
+    from tomoloc.preprocess import lower_fill
+
+    rng = np.random.default_rng(2)
+    z, y, x = np.indices((16, 48, 48))
+    tube = (y - 18) ** 2 + (x - 30) ** 2 < 12**2
+    vol = np.where(tube, rng.integers(0, 11, z.shape), 12).astype(np.float32)  # medium darker than the air
+    vol[(z - 8) ** 2 + (y - 18) ** 2 + (x - 30) ** 2 < 5**2] = 200.0  # the sample
+    copy = vol.copy()
+    assert lower_fill(copy) is None
+    np.testing.assert_array_equal(copy, vol)
+    centred = np.where((y - 23.5) ** 2 + (x - 23.5) ** 2 < 20**2, rng.normal(5, 1, z.shape), 12).astype(np.float32)
+    assert lower_fill(centred.copy()) is not None  # the same value around a centred disc is a circle's fill

@@ -266,8 +266,12 @@ def test_sorting_train_localize_and_run_end_to_end(cones, tmp_path):
     from tomoloc.localize.sorting import SortingLocalizer
 
     vol = np.load(vols[0])
-    scores = [SortingLocalizer(tmp_path / "m", mc_samples=4, device="cpu", precision=p).localize(vol).details["score"]
-              for p in ("32", "bf16")]
+    scores = []
+    for p in ("32", "bf16"):
+        det = SortingLocalizer(tmp_path / "m", mc_samples=4, device="cpu", precision=p).localize(vol).details
+        # undo the orientation: on this tiny model its two sides can be a near tie that bf16 tips
+        s = det["score"]
+        scores.append(s.max() + s.min() - s if det["mirrored"] else s)
     assert np.corrcoef(scores[0].ravel(), scores[1].ravel())[0, 1] > 0.99
     assert not np.array_equal(scores[0], scores[1])  # it did run in another arithmetic
     res = run("localize", vols[0], "--method", "sorting", "--model", tmp_path / "m", "--out", tmp_path / "f.json",

@@ -27,13 +27,27 @@ from tomoloc.localize.base import (
     working_copy,
 )
 from tomoloc.metrics import box_mae
-from tomoloc.preprocess import fill_value, measured_values
+from tomoloc.preprocess import fill_value, lower_fill, measured_values
 
 
 def threshold_box(work: WorkingCopy, value: float) -> Bbox | None:
     """Box (original grid) of the largest component of ``work.data > value``; None if empty."""
     box = largest_component_bbox(work.data > value)
     return None if box is None else work.to_original(box)
+
+
+def thresholding_copy(volume: Any, max_voxels: int = 256**3) -> WorkingCopy:
+    """The :func:`~tomoloc.preprocess.working_copy` a thresholding works on, ``(Z, Y, X)``,
+    with a field-of-view fill that is not the minimum moved below the data
+    (:func:`~tomoloc.preprocess.lower_fill`).
+
+    A circle filled with 0 above an air that reconstructs negative was foreground and
+    touched every edge: the box was the whole volume. Downsampled, the blend of the fill's
+    edge with the air goes with it (a ring of one block).
+    """
+    work = working_copy(volume, max_voxels)
+    lower_fill(work.data, ring=1 if max(work.factor) > 1 else 0)
+    return work
 
 
 def _result(work: WorkingCopy, value: float, method: str) -> Localization:
@@ -52,7 +66,7 @@ class OtsuLocalizer:
     name: str = "otsu"
 
     def localize(self, volume: Any) -> Localization:
-        work = working_copy(volume, self.max_voxels)
+        work = thresholding_copy(volume, self.max_voxels)
         # Otsu on the measured voxels only: the fill outside the field of view is not data.
         return _result(work, float(threshold_otsu(measured_values(work.data))), self.name)
 
@@ -233,7 +247,7 @@ class MultiOtsuLocalizer:
             raise ValueError(f"grow must be between 0 and 1 (1: no hysteresis), got {self.grow}")
 
     def localize(self, volume: Any) -> Localization:
-        work = working_copy(volume, self.max_voxels)
+        work = thresholding_copy(volume, self.max_voxels)
         fill = fill_value(work.data)
         if self.smooth > 0:
             _smooth_in_place(work.data, self.smooth, fill)
@@ -266,7 +280,7 @@ class ThresholdLocalizer:
     name: str = "threshold"
 
     def localize(self, volume: Any) -> Localization:
-        return _result(working_copy(volume, self.max_voxels), float(self.value), self.name)
+        return _result(thresholding_copy(volume, self.max_voxels), float(self.value), self.name)
 
 
 def calibrate_threshold(
@@ -292,7 +306,7 @@ def calibrate_threshold(
     """
     if len(volumes) == 0 or len(volumes) != len(truths):
         raise ValueError("calibration needs one true box per volume and at least one volume")
-    works = [working_copy(v, max_voxels) for v in volumes]
+    works = [thresholding_copy(v, max_voxels) for v in volumes]
     rng = np.random.default_rng(0)
     pooled = np.concatenate(
         [rng.choice(v, size=min(v.size, 200_000), replace=False)
