@@ -58,7 +58,7 @@ def simple_phantom(seed: int, shape: tuple[int, int, int] = (64, 96, 96)) -> tup
     if g.random() < 0.5:  # rings around the rotation axis
         vol += g.uniform(0.02, 0.15) * np.sin(np.hypot(y - ny / 2, x - nx / 2) * g.uniform(0.5, 2))
     if g.random() < 0.3:  # the reconstruction's fill outside the field of view
-        out = np.broadcast_to(np.hypot(y - ny / 2, x - nx / 2) > min(ny, nx) / 2, shape)
+        out = np.hypot(y - ny / 2, x - nx / 2) > min(ny, nx) / 2
         vol[out] = -1.0
         mask &= ~out  # a sample beyond the field of view is not in the volume
     return vol.astype(np.float32), mask, holder

@@ -194,8 +194,9 @@ def fill_value(data: np.ndarray, min_fraction: float = 0.01, min_gap: float = 0.
 
 
 def _corner_fill(arr: np.ndarray, min_fraction: float = 0.01, min_corners: float = 0.9,
-                 min_outside: float = 0.95, min_disc_iou: float = 0.9) -> float | None:
-    """A fill ``(Z, Y, X)`` that is not the volume's minimum, or ``None``.
+                 min_outside: float = 0.95, min_disc_iou: float = 0.9) -> np.ndarray | None:
+    """Where ``arr`` ``(Z, Y, X)`` holds a fill that is not its minimum (boolean, its shape),
+    or ``None``.
 
     The in-plane corners lie outside any circular field of view, so a fill holds them in
     (nearly) every axial slice: their most common value, when it is one exact value in at
@@ -228,7 +229,7 @@ def _corner_fill(arr: np.ndarray, min_fraction: float = 0.01, min_corners: float
     disc = (yy - (Y - 1) / 2) ** 2 + (xx - (X - 1) / 2) ** 2 <= inside.sum() / np.pi
     if np.count_nonzero(inside & disc) < min_disc_iou * np.count_nonzero(inside | disc):
         return None
-    return float(c)
+    return at
 
 
 def lower_fill(data: np.ndarray, ring: int = 0) -> float | None:
@@ -255,10 +256,9 @@ def lower_fill(data: np.ndarray, ring: int = 0) -> float | None:
     """
     if data.ndim != 3:
         return None
-    c = _corner_fill(data)
-    if c is None:
+    at = _corner_fill(data)
+    if at is None:
         return None
-    at = data == c
     if ring:
         from scipy import ndimage
 
