@@ -159,3 +159,23 @@ def test_cli_defaults_mirror_the_training_config():
     for task in ("rotation", "sorting"):
         assert TRAIN_DEFAULTS.axes[task] == TrainConfig(task=task).axes
     assert TrainConfig(task="rotation").holder == "interior" and TrainConfig(task="sorting").holder == "none"
+
+
+def test_localize_runs_the_network_on_the_device_asked_for(trained, tmp_path):
+    import torch
+
+    d, vols = trained
+    res = run("localize", vols[0], "--method", "rotation", "--model", d / "run", "--out", tmp_path / "cpu.json",
+              "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "cpu.json").read_text())["config"]["device"] == "cpu"
+    auto = run("localize", vols[0], "--method", "rotation", "--model", d / "run", "--out", tmp_path / "auto.json")
+    assert auto.exit_code == 0, auto.output
+    if not torch.cuda.is_available():  # on a CPU-only machine auto is the CPU: the same box
+        assert read_boxes(tmp_path / "cpu.json")[0].bbox == read_boxes(tmp_path / "auto.json")[0].bbox
+    bad = [("tpu0", "not a device"), ("cuda:99", "cuda"), ("cpu", "self-supervised")]
+    for device, said in bad:
+        args = ["--method", "rotation", "--model", d / "run"] if device != "cpu" else ["--method", "multiotsu"]
+        res = run("localize", vols[0], *args, "--out", tmp_path / "bad.json", "--device", device)
+        assert res.exit_code == 2 and said in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert not (tmp_path / "bad.json").exists()

@@ -174,11 +174,29 @@ def _truth_volumes(truth_path: Path) -> tuple[list[BoxRecord], list[Path]]:
     return recs, paths
 
 
+def _check_device(device: str, method: str) -> None:
+    """A ``--device`` other than ``auto`` must name a device torch knows and can use."""
+    if method not in ("sorting", "rotation"):
+        raise UsageProblem(f"--device {device}: only the self-supervised methods (sorting, rotation) run a network")
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageProblem(f"--device {device}: not a device (auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageProblem(f"--device {device}: no CUDA GPU is visible to this process")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageProblem(f"--device {device}: there are {torch.cuda.device_count()} CUDA GPU(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageProblem(f"--device {device}: only cpu and cuda are supported")
+
+
 def make_localizer(method: str, value: float | None = None, calibrate: Path | None = None,
                    max_voxels: int = 256**3, model: Path | None = None,
                    stride: int = 1, mc_samples: int = 10, top_fraction: float = 0.1,
                    seed: int = 0, paper_variance: bool = False,
-                   precision: str = "32") -> tuple[Any, dict[str, Any]]:
+                   precision: str = "32", device: str = "auto") -> tuple[Any, dict[str, Any]]:
     """Build the localizer a CLI invocation asks for; returns it and its config."""
     from tomoloc.localize import MultiOtsuLocalizer, OtsuLocalizer, ThresholdLocalizer, calibrate_threshold
     from tomoloc.localize.base import PRECISIONS
@@ -188,6 +206,8 @@ def make_localizer(method: str, value: float | None = None, calibrate: Path | No
     if precision != "32" and method not in ("sorting", "rotation"):
         raise UsageProblem(f"--precision {precision}: only the self-supervised methods (sorting, rotation) "
                            "run a network")
+    if device != "auto":
+        _check_device(device, method)
 
     if method == "sorting":
         if model is None:
@@ -198,25 +218,25 @@ def make_localizer(method: str, value: float | None = None, calibrate: Path | No
 
         extra: dict[str, Any] = {"slice_level": "none", "orient": False} if paper_variance else {}
         sloc = SortingLocalizer(model, mc_samples=mc_samples, top_fraction=top_fraction, seed=seed,
-                                precision=precision, **extra)
+                                precision=precision, device=device, **extra)
         if sloc.config.task != "sorting":
             raise UsageProblem(f"--model {model}: trained for the {sloc.config.task} task, not sorting")
         return sloc, {"method": "sorting", "model": str(model), "mc_samples": mc_samples,
                       "top_fraction": top_fraction, "output_stride": sloc.output_stride,
                       "statistic": sloc.statistic, "slice_level": sloc.slice_level,
-                      "orient": sloc.orient, "seed": seed, "precision": precision}
+                      "orient": sloc.orient, "seed": seed, "precision": precision, "device": device}
     if method == "rotation":
         if model is None:
             raise UsageProblem("--method rotation needs --model RUN_DIR (made by `tomoloc train --task rotation`)")
         from tomoloc.localize.rotation import RotationLocalizer
 
-        loc = RotationLocalizer(model, stride=stride, precision=precision)
+        loc = RotationLocalizer(model, stride=stride, precision=precision, device=device)
         if loc.config.task != "rotation":
             raise UsageProblem(f"--model {model}: trained for the {loc.config.task} task, not rotation")
         return loc, {"method": "rotation", "model": str(model), "stride": stride,
                      "sigma": loc.sigma, "min_contrast": loc.min_contrast, "max_gap": loc.max_gap,
                      "extend": loc.extend, "keep": loc.keep, "floor_axes": list(loc.floor_axes),
-                     "precision": precision}
+                     "precision": precision, "device": device}
     if model is not None:
         raise UsageProblem("--model belongs to the self-supervised methods (--method rotation or sorting)")
     if method in ("otsu", "multiotsu") and (value is not None or calibrate is not None):
@@ -263,6 +283,8 @@ def localize(
                                         help="Sorting: the raw variance, high = sample (the paper's), without "
                                              "the per-slice median removal and the orientation (see README)."),
     precision: str = typer.Option("32", help=PRECISION_HELP),
+    device: str = typer.Option("auto", help="Rotation, sorting: where the network runs: auto (a GPU when there is "
+                                            "one), cpu, cuda or cuda:N."),
     truth: Optional[Path] = typer.Option(None, help="ground_truth.json: draw the true boxes in the figures."),
     scheduler: Optional[str] = typer.Option(None, help=SCHEDULER_HELP),
     workers: Optional[int] = typer.Option(None, min=1, help="Worker processes of --scheduler local (default: CPUs)."),
@@ -276,7 +298,7 @@ def localize(
     """
     _check_scheduler(scheduler, workers)
     localizer, cfg = make_localizer(method.value, value, calibrate, max_voxels, model, stride, mc_samples,
-                                    top_fraction, seed, paper_variance, precision)
+                                    top_fraction, seed, paper_variance, precision, device)
     from tomoloc.localize import localize_file
 
     ssl = method.value in ("rotation", "sorting")
