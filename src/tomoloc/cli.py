@@ -180,8 +180,10 @@ def _check_device(device: str, method: str) -> None:
         raise UsageProblem(f"--device {device}: only the self-supervised methods (sorting, rotation) run a network")
     import torch
 
+    from tomoloc.localize.base import resolve_device
+
     try:
-        dev = torch.device(device)
+        dev = resolve_device(device)
     except RuntimeError:
         raise UsageProblem(f"--device {device}: not a device (auto, cpu, cuda or cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
