@@ -185,6 +185,10 @@ def test_run_and_crop_same_named_volumes_in_separate_folders(batch, tmp_path):
     views = [Path(r["views"]) for r in man["volumes"]]
     assert [p.name for p in views] == ["sample0_volume_views.png", "sample1_volume_views.png"]
     assert views[0].read_bytes() != views[1].read_bytes()
+    import struct
+
+    width, height = struct.unpack(">II", views[0].read_bytes()[16:24])
+    assert height > 0.6 * width  # the slices, and below them the volume's projections
     report = (tmp_path / "out" / "report.html").read_text()
     assert "sample0/volume.npy" in report and "sample1/volume.npy" in report
     for r, v in zip(man["volumes"], vols):

@@ -212,11 +212,13 @@ def _localizer(cfg: RunConfig, model_dir: str | None) -> Any:
     return loc
 
 
-def _views_png(volume: Any, bbox: Bbox, crop_bbox: Bbox, cfg: RunConfig) -> bytes:
+def _views_png(volume: Any, bbox: Bbox, crop_bbox: Bbox, cfg: RunConfig,
+               projections: dict[str, Any] | None = None) -> bytes:
     from tomoloc.report import BoxStyle, figure_png, orthoviews
 
     return figure_png(orthoviews(volume, [BoxStyle(bbox, f"{cfg.method} box"),
-                                          BoxStyle(crop_bbox, f"crop (margin {cfg.margin})", "#0a84ff", "--")]))
+                                          BoxStyle(crop_bbox, f"crop (margin {cfg.margin})", "#0a84ff", "--")],
+                                 projections=projections))
 
 
 def process_volume(job: VolumeJob, cfg: RunConfig, model_dir: str | None, out_dir: str) -> dict[str, Any]:
@@ -243,7 +245,7 @@ def process_volume(job: VolumeJob, cfg: RunConfig, model_dir: str | None, out_di
         details = out / "details"
         stem = Path(job.output).stem  # unique in the job, unlike the inputs' names
         views = details / f"{stem}_views.png"
-        png = _views_png(vol, bbox, crop_box, cfg)
+        png = _views_png(vol, bbox, crop_box, cfg, res.details.get("projections"))
     with atomic_path(views) as tmp:
         tmp.write_bytes(png)
     figure = None

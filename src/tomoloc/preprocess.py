@@ -41,6 +41,18 @@ class WorkingCopy:
             out.append((max(0, (lo - pad) * f), min(n, (hi + pad) * f)))
         return (out[0], out[1], out[2])
 
+    def projections(self) -> dict[str, Any]:
+        """Maximum-intensity projections of ``data`` along each axis, for the report's figure.
+
+        A slice through the box's centre cannot show a part of the sample that lies outside
+        the box in another plane; a projection of the whole volume can. Returns ``{"max":
+        [P0, P1, P2], "factor": factor, "shape": shape}``: ``Pa`` is ``data.max(axis=a)``
+        (float32; P0 is (Y', X'), P1 (Z', X'), P2 (Z', Y') on the working grid) and
+        ``factor`` maps its pixels to original voxels.
+        """
+        return {"max": [np.ascontiguousarray(self.data.max(axis=a)) for a in range(3)],
+                "factor": tuple(int(f) for f in self.factor), "shape": tuple(int(n) for n in self.shape)}
+
 
 def working_copy(volume: Any, max_voxels: int = 256**3, max_bytes: int | None = None,
                  threads: int | None = None) -> WorkingCopy:

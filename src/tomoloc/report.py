@@ -57,18 +57,56 @@ def _read_view(volume: Any, axis: int, index: int) -> tuple[np.ndarray, tuple[in
 
 
 def orthoviews(
-    volume: Any, boxes: Sequence[BoxStyle], title: str = "", center: Sequence[int] | None = None
+    volume: Any, boxes: Sequence[BoxStyle], title: str = "", center: Sequence[int] | None = None,
+    projections: dict[str, Any] | None = None,
 ) -> plt.Figure:
-    """Three orthogonal slices through ``center`` (default: the first box's centre) with boxes.
+    """Three orthogonal slices through ``center`` (default: the first box's centre) with boxes,
+    and below them, when given, the volume's maximum-intensity ``projections`` with the same boxes.
 
     ``volume`` is a 3D array-like (Z, Y, X); axis 0, the rotation axis, runs downwards in
-    the coronal and sagittal views.
+    the coronal and sagittal views. ``projections`` is
+    :meth:`tomoloc.preprocess.WorkingCopy.projections`' result.
     """
-    fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.9), dpi=80, layout="constrained")
-    draw_orthoviews(axes, volume, boxes, center)
+    rows = 1 if projections is None else 2
+    fig, axes = plt.subplots(rows, 3, figsize=(10.5, 3.9 * rows), dpi=80, layout="constrained", squeeze=False)
+    draw_orthoviews(axes[0], volume, boxes, center)
+    if projections is not None:
+        draw_projections(axes[1], projections, boxes)
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
+
+
+def draw_projections(axes: Sequence[Any], projections: dict[str, Any], boxes: Sequence[BoxStyle]) -> None:
+    """Draw the three maximum-intensity projections (along Z, Y, X) onto three matplotlib axes.
+
+    Pixel ``(i, j)`` of a projection on the working grid covers original voxels
+    ``i * f .. (i + 1) * f - 1``; the extent puts it there, so the boxes, in original voxel
+    coordinates, are drawn as on the slices.
+    """
+    shape = projections["shape"]
+    f = projections["factor"]
+    for ax, (name, axis, (ra, ca)), img in zip(axes, VIEWS, projections["max"]):
+        rows, cols = img.shape
+        lo, hi = np.percentile(img, [1, 99.5]) if img.size else (0, 1)
+        ax.imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, interpolation="nearest",
+                  extent=(-0.5, cols * f[ca] - 0.5, rows * f[ra] - 0.5, -0.5))
+        _draw_boxes(ax, boxes, ra, ca)
+        ax.set_xlim(-0.5, shape[ca] - 0.5)
+        ax.set_ylim(shape[ra] - 0.5, -0.5)
+        ax.set_title(f"{name.split()[0]}: maximum along axis {axis}", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+
+def _draw_boxes(ax: Any, boxes: Sequence[BoxStyle], ra: int, ca: int) -> None:
+    for b in boxes:
+        (r0, r1), (c0, c1) = b.bbox[ra], b.bbox[ca]
+        # Half-open voxel intervals: the edge of voxel r0 is at r0 - 0.5 in imshow pixels.
+        ax.add_patch(
+            Rectangle((c0 - 0.5, r0 - 0.5), c1 - c0, r1 - r0, fill=False,
+                      edgecolor=b.color, linestyle=b.linestyle, linewidth=1.4, label=b.label)
+        )
 
 
 def draw_orthoviews(
@@ -85,13 +123,7 @@ def draw_orthoviews(
         lo, hi = np.percentile(img, [1, 99.5]) if img.size else (0, 1)
         ax.imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, interpolation="nearest",
                   extent=extent)
-        for b in boxes:
-            (r0, r1), (c0, c1) = b.bbox[ra], b.bbox[ca]
-            # Half-open voxel intervals: the edge of voxel r0 is at r0 - 0.5 in imshow pixels.
-            ax.add_patch(
-                Rectangle((c0 - 0.5, r0 - 0.5), c1 - c0, r1 - r0, fill=False,
-                          edgecolor=b.color, linestyle=b.linestyle, linewidth=1.4, label=b.label)
-            )
+        _draw_boxes(ax, boxes, ra, ca)
         ax.set_title(f"{name} @ {center[axis]}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])

@@ -213,6 +213,7 @@ class RotationLocalizer(TrainedModel):
         self._load()
         cfg = self._config
         work = working_copy(volume, cfg.max_voxels)
+        projections = work.projections()
         view = network_view(work.data, cfg.holder)
         data = view.data
         box, profiles, intervals, floors = [], {}, {}, {}
@@ -240,5 +241,5 @@ class RotationLocalizer(TrainedModel):
             {"factor": list(work.factor), "offset": list(view.offset),
              "profiles": {a: p.tolist() for a, p in profiles.items()},
              "intervals": {a: [iv.lo, iv.hi, iv.threshold, iv.contrast, iv.found] for a, iv in intervals.items()},
-             "floors": floors, "min_contrast": contrast, "found": all(found)},
+             "floors": floors, "min_contrast": contrast, "found": all(found), "projections": projections},
         )

@@ -325,6 +325,7 @@ class SortingLocalizer(TrainedModel):
         self._load()
         cfg = self._config
         work = working_copy(volume, cfg.max_voxels)
+        projections = work.projections()
         view = network_view(work.data, cfg.holder)
         data, offset = view.data, view.offset
         score, raw = self.score_volume(data)
@@ -352,5 +353,5 @@ class SortingLocalizer(TrainedModel):
             bbox, self.name, confidence,
             {"factor": list(work.factor), "threshold": thr, "top_fraction": self.top_fraction,
              "region_share": kept, "mirrored": mirrored, "score": score, "maps": raw,
-             "offset": list(offset)},
+             "offset": list(offset), "projections": projections},
         )

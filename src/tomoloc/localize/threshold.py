@@ -52,10 +52,11 @@ def thresholding_copy(volume: Any, max_voxels: int = 256**3) -> WorkingCopy:
 
 def _result(work: WorkingCopy, value: float, method: str) -> Localization:
     box = threshold_box(work, value)
+    details = {"threshold": value, "found": box is not None, "projections": work.projections()}
     if box is None:
         # Nothing above the threshold: keep everything rather than cut the sample.
-        return Localization(whole_volume(work.shape), method, 0.0, {"threshold": value, "found": False})
-    return Localization(box, method, 1.0, {"threshold": value, "found": True})
+        return Localization(whole_volume(work.shape), method, 0.0, details)
+    return Localization(box, method, 1.0, details)
 
 
 @dataclass
@@ -248,6 +249,7 @@ class MultiOtsuLocalizer:
 
     def localize(self, volume: Any) -> Localization:
         work = thresholding_copy(volume, self.max_voxels)
+        projections = work.projections()  # of the data as read, not smoothed
         fill = fill_value(work.data)
         if self.smooth > 0:
             _smooth_in_place(work.data, self.smooth, fill)
@@ -257,7 +259,8 @@ class MultiOtsuLocalizer:
         values = values[:: -(-values.size // _THRESHOLD_VALUES)]
         value, rule = multiotsu_threshold(values, self.classes)
         kept = kept_components(work.data > value, self.min_fraction, self.min_share)
-        details: dict[str, Any] = {"threshold": value, "threshold_rule": rule, "found": kept is not None}
+        details: dict[str, Any] = {"threshold": value, "threshold_rule": rule, "found": kept is not None,
+                                   "projections": projections}
         if kept is None:
             return Localization(whole_volume(work.shape), self.name, 0.0, details)
         labels, keep = kept
