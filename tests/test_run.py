@@ -325,3 +325,30 @@ def test_run_trains_on_gpu_with_loader_workers_when_there_is_one(monkeypatch):
     assert (on_cpu.devices, on_cpu.num_workers) == ("auto", 0)
     forced_cpu = train_config(RunConfig(method="rotation", device="cpu"), cuda=True)
     assert (forced_cpu.devices, forced_cpu.num_workers) == ("auto", 0)
+
+
+def test_a_whole_volume_box_is_flagged_as_such_and_a_face_touch_by_its_faces(tmp_path):
+    rng = np.random.default_rng(3)
+    whole = (100.0 + rng.normal(0, 1, (16, 24, 24))).astype(np.float32)
+    whole[6:10, 8:14, 8:14] = 0.0  # a dark pocket: everything else is foreground, to every face
+    face = rng.normal(0, 1, (16, 24, 24)).astype(np.float32)
+    face[0:6, 8:16, 8:16] += 100.0  # an object on the axis-0 start face only
+    np.save(tmp_path / "whole.npy", whole)
+    np.save(tmp_path / "face.npy", face)
+    res = run("run", tmp_path / "whole.npy", tmp_path / "face.npy", "--out", tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    rows = {Path(r["volume"]).name: r for r in json.loads((tmp_path / "out" / "manifest.json").read_text())["volumes"]}
+    assert rows["whole.npy"]["bbox"] == [[0, 16], [0, 24], [0, 24]]
+    assert len(rows["whole.npy"]["flags"]) == 1
+    assert rows["whole.npy"]["flags"][0].startswith("the box is the whole volume: nothing was cropped away")
+    assert rows["face.npy"]["bbox"][0][0] == 0 and rows["face.npy"]["bbox"][1] != [0, 24]
+    assert rows["face.npy"]["flags"] == ["the box touches the volume border (axis 0 start): "
+                                         "the sample may continue outside the volume"]
+    report = (tmp_path / "out" / "report.html").read_text()
+    assert "the box is the whole volume" in report and "(axis 0 start)" in report
+    # a margin that reaches every face: the box is not the whole volume, the crop is
+    res = run("run", tmp_path / "face.npy", "--out", tmp_path / "wide", "--margin", 16)
+    assert res.exit_code == 0, res.output
+    (row,) = json.loads((tmp_path / "wide" / "manifest.json").read_text())["volumes"]
+    assert row["crop_bbox"] == [[0, 16], [0, 24], [0, 24]] and row["bbox"] != row["crop_bbox"]
+    assert row["flags"][1:] == ["the crop (box and 16-voxel margin) is the whole volume: nothing was saved"]

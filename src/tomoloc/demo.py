@@ -22,6 +22,7 @@ from tomoloc.localize import (
     calibrate_threshold,
     localize_files,
 )
+from tomoloc.preprocess import working_copy
 from tomoloc.report import BoxStyle, ReportEntry, figure_png, orthoviews, write_details, write_report
 
 MARKER = "demo_config.json"
@@ -155,7 +156,8 @@ def run_demo(
                   BoxStyle(boxes["otsu"][i].bbox, "otsu", "#ff9500", "-."),
                   BoxStyle(boxes["threshold"][i].bbox, "threshold (calibrated)", "#0a84ff", ":")]
         with io.open_volume(out_dir / r.volume) as vol:
-            img = figure_png(orthoviews(vol, styles, center=[(a + b) // 2 for a, b in t.bbox]))
+            img = figure_png(orthoviews(vol, styles, center=[(a + b) // 2 for a, b in t.bbox],
+                                        projections=working_copy(vol).projections()))
         prof = (out_dir / "rotation_details" / f"{Path(r.name).stem}.png").read_bytes()
         var = (out_dir / "sorting_details" / f"{Path(r.name).stem}.png").read_bytes()
         flags = []

@@ -229,6 +229,7 @@ def process_volume(job: VolumeJob, cfg: RunConfig, model_dir: str | None, out_di
     """
     from tomoloc.boxes import expand_bbox
     from tomoloc.crop import crop_volume
+    from tomoloc.localize.base import whole_volume
 
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -261,9 +262,17 @@ def process_volume(job: VolumeJob, cfg: RunConfig, model_dir: str | None, out_di
                        slab_bytes=crop_slab_bytes(cfg.max_memory, resident_bytes()), verify=True, name=Path(job.output).name)
     flags = []
     touch = border_touch(bbox, shape)
-    if touch:
-        flags.append("the box touches the volume border (" + ", ".join(touch)
-                     + "): the sample may continue outside the volume, or the box fell back to it")
+    if len(touch) == 6:
+        # Said apart: a whole-volume box saves nothing, and the reasons differ from a box
+        # that reaches one face (the report's projections show which it is).
+        flags.append("the box is the whole volume: nothing was cropped away (the object fills the field of view, "
+                     "the holder and its medium were kept with it, or nothing was found)")
+    else:
+        if touch:
+            flags.append("the box touches the volume border (" + ", ".join(touch)
+                         + "): the sample may continue outside the volume")
+        if crop_box == whole_volume(shape):
+            flags.append(f"the crop (box and {cfg.margin}-voxel margin) is the whole volume: nothing was saved")
     conf = float(res.confidence)
     if conf < cfg.low_confidence:
         flags.append(f"low localizer confidence {conf:.2f} (< {cfg.low_confidence}): check the box")
