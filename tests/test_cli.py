@@ -180,3 +180,16 @@ def test_bad_arguments_exit_2(batch, tmp_path):
 def test_console_script_entry_point():
     res = subprocess.run([sys.executable, "-m", "tomoloc.cli", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "localize" in res.stdout
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["run", "v.npy", "--out", "o", "--margin", "-1"], "run: Invalid value for '--margin'"),
+    (["run", "v.npy", "--out", "o", "--bogus"], "No such option: --bogus"),
+    (["run"], "run: Missing argument"),
+    (["localize", "v.npy", "--method", "foo"], "Invalid value for '--method'"),
+    (["bogus"], "No such command 'bogus'"),
+])
+def test_argument_errors_are_one_line_with_exit_status_2(tmp_path, monkeypatch, args, needle):
+    monkeypatch.chdir(tmp_path)
+    one_error_line(run(*args), "tomoloc: error: ", needle)
+    assert list(tmp_path.iterdir()) == []  # nothing written

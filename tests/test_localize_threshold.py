@@ -293,3 +293,35 @@ def test_an_exact_zero_background_is_data_not_field_of_view_fill():
                    for (lo, hi), (t0, t1) in zip(box, true)), (loc.name, box)
     # A binary mask of the same sample is boxed too (the False voxels are not fill either).
     assert MultiOtsuLocalizer().localize(r < 1).bbox == ((10, 31), (18, 43), (23, 48))
+
+
+def test_grow_from_the_command_line_localize_and_run(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from test_cli import one_error_line
+    from tomoloc.cli import app
+
+    def run(*args):
+        return CliRunner().invoke(app, [str(a) for a in args])
+
+    np.save(tmp_path / "legged.npy", legged_volume())
+    res = run("localize", tmp_path / "legged.npy", "--out", tmp_path / "off.json", "--grow", 1)
+    assert res.exit_code == 0, res.output
+    res = run("localize", tmp_path / "legged.npy", "--out", tmp_path / "on.json")
+    assert res.exit_code == 0, res.output
+    off, on = (json.loads((tmp_path / f).read_text()) for f in ("off.json", "on.json"))
+    assert off["boxes"][0]["bbox"][2][1] <= 24 and on["boxes"][0]["bbox"][2][1] >= 35  # the leg
+    assert off["config"]["grow"] == 1.0 and on["config"]["grow"] == 0.5  # saved with the boxes
+    res = run("run", tmp_path / "legged.npy", "--out", tmp_path / "job", "--grow", 1, "--margin", 0)
+    assert res.exit_code == 0, res.output
+    man = json.loads((tmp_path / "job" / "manifest.json").read_text())
+    assert man["config"]["grow"] == 1.0 and man["volumes"][0]["bbox"] == off["boxes"][0]["bbox"]
+    # wrong values and methods: one line, exit 2, nothing written
+    one_error_line(run("localize", tmp_path / "legged.npy", "--out", tmp_path / "x.json", "--grow", 1.5), "--grow")
+    one_error_line(run("localize", tmp_path / "legged.npy", "--out", tmp_path / "x.json", "--method", "otsu",
+                       "--grow", 0.3), "--grow belongs to --method multiotsu")
+    one_error_line(run("run", tmp_path / "legged.npy", "--out", tmp_path / "y", "--method", "otsu",
+                       "--grow", 0.3), "--grow belongs to --method multiotsu")
+    assert not (tmp_path / "x.json").exists() and not (tmp_path / "y").exists()

@@ -6,6 +6,7 @@ stderr and exits with status 2, leaving no partial output behind.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
+from typer.core import TyperGroup
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -37,7 +39,41 @@ class _TrainDefaults:
 
 TRAIN_DEFAULTS = _TrainDefaults
 
+class _OneLineUsageErrors(TyperGroup):
+    """Argument errors as one line, like every other error: ``tomoloc: error: <command>: <problem>``.
+
+    Click's own usage errors print the usage, a hint and a framed message; scripts that read
+    stderr, and the rule that every error is one line, want the problem alone.
+    """
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: Any) -> Any:
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+
+# Click's UsageError as this typer raises it (recent typer vendors its own copy of click).
+_USAGE_ERRORS = tuple(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors() -> Any:
+    try:
+        yield
+    except _USAGE_ERRORS as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `tomoloc` alone: the help is the answer
+            raise
+        where = exc.ctx.command_path if exc.ctx is not None else "tomoloc"
+        err.print(f"tomoloc: error: {where}: {exc.format_message()} (see {where} --help)",
+                  markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+
+
 app = typer.Typer(
+    cls=_OneLineUsageErrors,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -54,6 +90,9 @@ MAX_MEMORY_HELP = ("Peak memory per process, e.g. 1G or 768M, whatever the volum
 
 MARGIN_HELP = ("Voxels kept on both sides of every axis around the box, clipped to the volume (default: 4 for "
                "multiotsu and otsu, 16 for sorting and rotation, whose boxes cut more; see README).")
+GROW_HELP = ("Multi-Otsu: the box also takes every voxel connected to the sample that is at least this share "
+             "of the way from the background's level to the threshold (thin, blurred parts; default 0.5, 1 turns "
+             "it off; see README).")
 PRECISION_HELP = ("Rotation, sorting: the network passes in 32 (float32) or bf16 (bfloat16 autocast: twice as "
                   "fast on a CPU with AMX, boxes within 2 voxels; see README).")
 
@@ -198,7 +237,8 @@ def make_localizer(method: str, value: float | None = None, calibrate: Path | No
                    max_voxels: int = 256**3, model: Path | None = None,
                    stride: int = 1, mc_samples: int = 10, top_fraction: float = 0.1,
                    seed: int = 0, paper_variance: bool = False,
-                   precision: str = "32", device: str = "auto") -> tuple[Any, dict[str, Any]]:
+                   precision: str = "32", device: str = "auto",
+                   grow: float | None = None) -> tuple[Any, dict[str, Any]]:
     """Build the localizer a CLI invocation asks for; returns it and its config."""
     from tomoloc.localize import MultiOtsuLocalizer, OtsuLocalizer, ThresholdLocalizer, calibrate_threshold
     from tomoloc.localize.base import PRECISIONS
@@ -210,6 +250,8 @@ def make_localizer(method: str, value: float | None = None, calibrate: Path | No
                            "run a network")
     if device != "auto":
         _check_device(device, method)
+    if grow is not None and method != "multiotsu":
+        raise UsageProblem("--grow belongs to --method multiotsu")
 
     if method == "sorting":
         if model is None:
@@ -246,9 +288,11 @@ def make_localizer(method: str, value: float | None = None, calibrate: Path | No
     if method == "otsu":
         return OtsuLocalizer(max_voxels=max_voxels), {"method": "otsu", "max_voxels": max_voxels}
     if method == "multiotsu":
-        mloc = MultiOtsuLocalizer(max_voxels=max_voxels)
+        mloc = MultiOtsuLocalizer(max_voxels=max_voxels) if grow is None else \
+            MultiOtsuLocalizer(max_voxels=max_voxels, grow=grow)
         return mloc, {"method": "multiotsu", "classes": mloc.classes, "min_fraction": mloc.min_fraction,
-                      "min_share": mloc.min_share, "smooth": mloc.smooth, "max_voxels": max_voxels}
+                      "min_share": mloc.min_share, "smooth": mloc.smooth, "grow": mloc.grow,
+                      "max_voxels": max_voxels}
     if (value is None) == (calibrate is None):
         raise UsageProblem("--method threshold needs exactly one of --value V or --calibrate ground_truth.json")
     cfg: dict[str, Any] = {"method": "threshold", "max_voxels": max_voxels}
@@ -285,6 +329,7 @@ def localize(
                                         help="Sorting: the raw variance, high = sample (the paper's), without "
                                              "the per-slice median removal and the orientation (see README)."),
     precision: str = typer.Option("32", help=PRECISION_HELP),
+    grow: Optional[float] = typer.Option(None, min=0.0, max=1.0, help=GROW_HELP),
     device: str = typer.Option("auto", help="Rotation, sorting: where the network runs: auto (a GPU when there is "
                                             "one), cpu, cuda or cuda:N."),
     truth: Optional[Path] = typer.Option(None, help="ground_truth.json: draw the true boxes in the figures."),
@@ -300,7 +345,7 @@ def localize(
     """
     _check_scheduler(scheduler, workers)
     localizer, cfg = make_localizer(method.value, value, calibrate, max_voxels, model, stride, mc_samples,
-                                    top_fraction, seed, paper_variance, precision, device)
+                                    top_fraction, seed, paper_variance, precision, device, grow)
     from tomoloc.localize import localize_file
 
     ssl = method.value in ("rotation", "sorting")
@@ -589,6 +634,7 @@ def run_cmd(
     device: str = typer.Option("auto", help="auto (GPU when available) or cpu."),
     seed: int = typer.Option(0, help="Random seed (training, dropout masks)."),
     precision: str = typer.Option("32", help=PRECISION_HELP),
+    grow: Optional[float] = typer.Option(None, min=0.0, max=1.0, help=GROW_HELP),
     overwrite: bool = typer.Option(False, help="Start afresh: replace the outputs of an earlier run in --out."),
     resume: bool = typer.Option(True, help="Resume the run already in --out (same options): skip volumes done."),
     scheduler: Optional[str] = typer.Option(None, help=SCHEDULER_HELP),
@@ -611,7 +657,7 @@ def run_cmd(
         cfg = RunConfig(method=method.value, margin=margin, model=str(model) if model else None, epochs=epochs,
                         steps=steps, seed=seed, format=fmt.value if fmt else None, device=device,
                         precision=precision, max_memory=_max_memory(max_memory),
-                        delete_originals=delete_originals)
+                        delete_originals=delete_originals, grow=grow)
     except ValueError as exc:
         raise UsageProblem(str(exc)) from None
     _check_scheduler(scheduler, workers)
@@ -720,6 +766,7 @@ def watch(
     device: str = typer.Option("auto", help="auto (GPU when available) or cpu."),
     seed: int = typer.Option(0, help="Random seed (dropout masks)."),
     precision: str = typer.Option("32", help=PRECISION_HELP),
+    grow: Optional[float] = typer.Option(None, min=0.0, max=1.0, help=GROW_HELP),
     interval: float = typer.Option(5.0, min=0.0, help="Seconds between two scans of the folder."),
     stable_seconds: float = typer.Option(30.0, min=0.0, help="A volume is complete once unchanged this long."),
     done_marker: Optional[str] = typer.Option(None, help="Suffix of the writer's done-marker (e.g. .done): "
@@ -753,7 +800,7 @@ def watch(
     try:
         cfg = RunConfig(method=name, margin=margin, model=str(model) if model else None, seed=seed,
                         format=fmt.value if fmt else None, device=device, precision=precision,
-                        max_memory=_max_memory(max_memory), delete_originals=delete_originals)
+                        max_memory=_max_memory(max_memory), delete_originals=delete_originals, grow=grow)
     except ValueError as exc:
         raise UsageProblem(str(exc)) from None
     _check_scheduler(scheduler, workers)

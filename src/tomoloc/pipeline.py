@@ -104,6 +104,9 @@ class RunConfig:
         :mod:`tomoloc.memory`. Does not change results.
     delete_originals : bool
         Delete each input once its crop has been verified and recorded.
+    grow : float or None
+        Multi-Otsu only: its hysteresis share (:class:`tomoloc.localize.MultiOtsuLocalizer`'s
+        ``grow``; None: its default, 0.5). Part of the results.
     """
 
     method: str = "multiotsu"
@@ -118,6 +121,7 @@ class RunConfig:
     precision: str = "32"
     max_memory: int = DEFAULT_MAX_MEMORY
     delete_originals: bool = False
+    grow: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -136,6 +140,11 @@ class RunConfig:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.precision != "32" and self.method in THRESHOLD_METHODS:
             raise ValueError("--precision belongs to the self-supervised methods (sorting, rotation)")
+        if self.grow is not None:
+            if self.method != "multiotsu":
+                raise ValueError("--grow belongs to --method multiotsu")
+            if not 0.0 <= self.grow <= 1.0:
+                raise ValueError(f"--grow must be between 0 and 1 (1: no hysteresis), got {self.grow}")
         crop_slab_bytes(self.max_memory)  # validates the budget
 
 
@@ -186,7 +195,7 @@ _LOCALIZERS: dict[tuple[Any, ...], Any] = {}
 
 def _localizer(cfg: RunConfig, model_dir: str | None) -> Any:
     """The job's localizer, built once per process (worker processes load the model once)."""
-    key = (cfg.method, model_dir, cfg.seed, cfg.device, cfg.precision)
+    key = (cfg.method, model_dir, cfg.seed, cfg.device, cfg.precision, cfg.grow)
     if key in _LOCALIZERS:
         return _LOCALIZERS[key]
     if cfg.method == "otsu":
@@ -196,7 +205,7 @@ def _localizer(cfg: RunConfig, model_dir: str | None) -> Any:
     elif cfg.method == "multiotsu":
         from tomoloc.localize import MultiOtsuLocalizer
 
-        loc = MultiOtsuLocalizer()
+        loc = MultiOtsuLocalizer() if cfg.grow is None else MultiOtsuLocalizer(grow=cfg.grow)
     elif cfg.method == "sorting":
         from tomoloc.localize.sorting import SortingLocalizer
 
