@@ -143,8 +143,12 @@ class RunConfig:
         if self.grow is not None:
             if self.method != "multiotsu":
                 raise ValueError("--grow belongs to --method multiotsu")
-            if not 0.0 <= self.grow <= 1.0:
-                raise ValueError(f"--grow must be between 0 and 1 (1: no hysteresis), got {self.grow}")
+            from tomoloc.localize import MultiOtsuLocalizer
+
+            try:
+                MultiOtsuLocalizer(grow=self.grow)  # its own check of the range
+            except ValueError as exc:
+                raise ValueError(f"--{exc}") from None
         crop_slab_bytes(self.max_memory)  # validates the budget
 
 
