@@ -67,3 +67,33 @@ def test_thresholdings_return_the_projections_of_what_they_read():
         # not the smoothed copy multi-Otsu thresholds: the maxima are the volume's own
         for a in range(3):
             np.testing.assert_allclose(p["max"][a], vol.max(axis=a), rtol=1e-6)
+
+
+def test_localizer_figures_draw_the_projections_below_the_views():
+    from tomoloc.report import profile_figure, variance_figure
+
+    vol = _cube_volume()
+    work = working_copy(vol, max_voxels=20 * 40 * 40 // 8)
+    proj = work.projections()
+    box = ((4, 8), (10, 14), (30, 34))
+    profiles = {a: np.linspace(0, 1, n) for a, n in enumerate(work.data.shape)}
+    intervals = {a: [1, 3, 0.5, 0.4, True] for a in range(3)}
+    score = np.zeros(work.data.shape, np.float32)
+    score[2:4, 5:7, 15:17] = 1.0
+    figs = {
+        "profile": (profile_figure(vol, profiles, intervals, work.factor, box),
+                    profile_figure(vol, profiles, intervals, work.factor, box, projections=proj)),
+        "variance": (variance_figure(vol, score, work.factor, box, 0.5),
+                     variance_figure(vol, score, work.factor, box, 0.5, projections=proj)),
+    }
+    for kind, (plain, with_proj) in figs.items():
+        assert len(with_proj.axes) == len(plain.axes) + 3, kind
+        last = with_proj.axes[-3:]
+        assert [ax.get_title() for ax in last] == [f"{v}: maximum along axis {a}"
+                                                   for a, v in enumerate(("axial", "coronal", "sagittal"))]
+        # the found box on the axial projection, at its voxels' edges
+        rect = last[0].patches[0]
+        assert rect.get_xy() == (29.5, 9.5) and (rect.get_width(), rect.get_height()) == (4, 4)
+        np.testing.assert_array_equal(last[0].images[0].get_array(), proj["max"][0])
+        h_plain = struct.unpack(">II", figure_png(plain)[16:24])[1]
+        assert struct.unpack(">II", figure_png(with_proj)[16:24])[1] > 1.3 * h_plain, kind

@@ -2,6 +2,7 @@
 
 import json
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -185,7 +186,6 @@ def test_run_and_crop_same_named_volumes_in_separate_folders(batch, tmp_path):
     views = [Path(r["views"]) for r in man["volumes"]]
     assert [p.name for p in views] == ["sample0_volume_views.png", "sample1_volume_views.png"]
     assert views[0].read_bytes() != views[1].read_bytes()
-    import struct
 
     width, height = struct.unpack(">II", views[0].read_bytes()[16:24])
     assert height > 0.6 * width  # the slices, and below them the volume's projections
@@ -262,6 +262,8 @@ def test_sorting_train_localize_and_run_end_to_end(cones, tmp_path):
     assert res.exit_code == 0, res.output
     figs = [tmp_path / "s_details" / f"s{k}_cone.png" for k in range(2)]
     assert all(f.is_file() for f in figs) and figs[0].read_bytes() != figs[1].read_bytes()
+    width, height = struct.unpack(">II", figs[0].read_bytes()[16:24])
+    assert height > 1.0 * width  # variance, views and the volume's projections
     # a rotation model is refused for --method sorting and vice versa
     one_error_line(run("localize", vols[0], "--method", "rotation", "--model", tmp_path / "m",
                        "--out", tmp_path / "x.json"), "sorting")
@@ -293,6 +295,10 @@ def test_sorting_train_localize_and_run_end_to_end(cones, tmp_path):
     res = run("run", *vols[:2], "--out", out, "--method", "sorting", "--model", tmp_path / "m")
     assert res.exit_code == 0, res.output
     assert (out / "details" / "cone_1.png").is_file() and not (out / "model").exists()
+    # the projections are drawn once, on the views figure, not again under the variance
+    width, height = struct.unpack(">II", (out / "details" / "cone_1.png").read_bytes()[16:24])
+    assert height < 0.9 * width
+    assert struct.unpack(">II", (out / "details" / "cone_1_views.png").read_bytes()[16:24])[1] > 0.6 * width
     # no --margin: sorting's own default, 16 voxels per side (its boxes cut more than thresholding's)
     man = json.loads((out / "manifest.json").read_text())
     assert man["config"]["margin"] == 16

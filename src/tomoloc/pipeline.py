@@ -266,7 +266,8 @@ def process_volume(job: VolumeJob, cfg: RunConfig, model_dir: str | None, out_di
     if cfg.method not in THRESHOLD_METHODS:
         from tomoloc.report import write_details
 
-        record.extra["details"] = res.details
+        # The projections are on the views figure already.
+        record.extra["details"] = {k: v for k, v in res.details.items() if k != "projections"}
         fig = write_details(details, record, stem=stem)
         figure = str(fig) if fig is not None else None
         record.extra.pop("details")

@@ -225,8 +225,10 @@ def profile_figure(
     title: str = "",
     offset: Sequence[int] = (0, 0, 0),
     floors: dict[int, float] | None = None,
+    projections: dict[str, Any] | None = None,
 ) -> plt.Figure:
-    """Certainty profiles per axis with the chosen interval, above the orthogonal views.
+    """Certainty profiles per axis with the chosen interval, above the orthogonal views
+    (and, when given, the volume's maximum-intensity ``projections``, as in :func:`orthoviews`).
 
     ``profiles[a]`` is the per-slice certainty along axis ``a`` on the network's view of the
     working copy (downsampled by ``factor[a]``; the view starts at ``offset[a]`` of the
@@ -234,8 +236,9 @@ def profile_figure(
     original voxel coordinates. ``intervals[a]`` is ``[lo, hi, threshold, contrast, found]``
     on that view; ``floors[a]``, where given, the certainty of a featureless slice (drawn dotted).
     """
-    fig = plt.figure(figsize=(10.5, 6.6), dpi=80, layout="constrained")
-    top, bottom = fig.subfigures(2, 1, height_ratios=[1, 1.3])
+    ratios = [1, 1.3] + ([1.3] if projections is not None else [])
+    fig = plt.figure(figsize=(10.5, 2.9 + 3.7 * (len(ratios) - 1)), dpi=80, layout="constrained")
+    top, bottom, *rest = fig.subfigures(len(ratios), 1, height_ratios=ratios)
     axes = top.subplots(1, 3)
     for a, ax in enumerate(axes):
         if a not in profiles:
@@ -258,11 +261,19 @@ def profile_figure(
         ax.set_title(f"p(angle 0) along axis {a}" + ("" if found else " (no contrast)"), fontsize=9)
         ax.tick_params(labelsize=7)
     axes[0].legend(fontsize=7, loc="lower right")
-    draw_orthoviews(bottom.subplots(1, 3), volume, [BoxStyle(bbox, "found")] +
-                    ([BoxStyle(truth, "truth", "#34c759", "--")] if truth else []))
+    _draw_views(bottom, rest, volume, bbox, truth, projections)
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
+
+
+def _draw_views(sub: Any, rest: Sequence[Any], volume: Any, bbox: Bbox, truth: Bbox | None,
+                projections: dict[str, Any] | None) -> None:
+    """The found (and true) box on the orthogonal views in ``sub``, and on the projections in ``rest[0]``."""
+    boxes = [BoxStyle(bbox, "found")] + ([BoxStyle(truth, "truth", "#34c759", "--")] if truth else [])
+    draw_orthoviews(sub.subplots(1, 3), volume, boxes)
+    if projections is not None:
+        draw_projections(rest[0].subplots(1, 3), projections, boxes)
 
 
 def write_profile_details(out_dir: str | os.PathLike, record: Any, truth: Bbox | None = None,
@@ -289,7 +300,7 @@ def write_profile_details(out_dir: str | os.PathLike, record: Any, truth: Bbox |
             np.savez(fh, **arrays)
     with io.open_volume(record.volume) as vol:
         fig = profile_figure(vol, d["profiles"], d["intervals"], d["factor"], record.bbox, truth, record.name,
-                             d.get("offset", (0, 0, 0)), floors)
+                             d.get("offset", (0, 0, 0)), floors, d.get("projections"))
         save_figure(fig, out / f"{stem}.png")
 
 
@@ -316,8 +327,10 @@ def variance_figure(
     truth: Bbox | None = None,
     title: str = "",
     mirrored: bool = False,
+    projections: dict[str, Any] | None = None,
 ) -> plt.Figure:
-    """MC-dropout variance over the three orthogonal views (top) and the views with boxes (bottom).
+    """MC-dropout variance over the three orthogonal views (top) and the views with boxes (below),
+    and, when given, the volume's maximum-intensity ``projections`` with the boxes (bottom).
 
     ``score`` is the variance on the working copy ``(Z', Y', X')``, block size ``factor``;
     superpixels above ``threshold`` (the top fraction) are outlined. ``mirrored``: the
@@ -326,8 +339,9 @@ def variance_figure(
     """
     shape = tuple(int(s) for s in volume.shape)
     center = [(lo + hi) // 2 for lo, hi in bbox]
-    fig = plt.figure(figsize=(10.5, 7.4), dpi=80, layout="constrained")
-    top, bottom = fig.subfigures(2, 1)
+    rows = 2 if projections is None else 3
+    fig = plt.figure(figsize=(10.5, 3.7 * rows), dpi=80, layout="constrained")
+    top, bottom, *rest = fig.subfigures(rows, 1)
     vmax = float(np.max(score)) if np.size(score) else 1.0
     for ax, (name, axis, _) in zip(top.subplots(1, 3), VIEWS):
         img, steps, extent = _read_view(volume, axis, center[axis])
@@ -343,8 +357,7 @@ def variance_figure(
         ax.set_title(f"{'low ' if mirrored else ''}variance, {name} @ {center[axis]}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    draw_orthoviews(bottom.subplots(1, 3), volume, [BoxStyle(bbox, "found")] +
-                    ([BoxStyle(truth, "truth", "#34c759", "--")] if truth else []))
+    _draw_views(bottom, rest, volume, bbox, truth, projections)
     if title:
         fig.suptitle(title + " (cyan: top superpixels)", fontsize=10)
     return fig
@@ -371,7 +384,7 @@ def write_variance_details(out_dir: str | os.PathLike, record: Any, truth: Bbox 
             np.savez_compressed(fh, **arrays)
     with io.open_volume(record.volume) as vol:
         fig = variance_figure(vol, d["score"], d["factor"], record.bbox, d["threshold"], truth, record.name,
-                              bool(d.get("mirrored", False)))
+                              bool(d.get("mirrored", False)), d.get("projections"))
         save_figure(fig, out / f"{stem}.png")
 
 
