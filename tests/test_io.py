@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import tempfile
@@ -403,6 +404,12 @@ def _bad_tiff_garbage(d):
     return d / "junk.tiff"
 
 
+def _bad_tiff_first_page_offset(d):
+    # a TIFF header whose first page lies past the end: tifffile logs a warning and finds no page
+    (d / "nopage.tif").write_bytes(b"II*\x00garbage")
+    return d / "nopage.tif"
+
+
 def _bad_h5_garbage(d):
     (d / "junk.h5").write_bytes(os.urandom(1000))
     return d / "junk.h5"
@@ -453,6 +460,7 @@ BAD_INPUTS = [
     _bad_tiff_compressed_truncated,
     _bad_tiff_2d,
     _bad_tiff_garbage,
+    _bad_tiff_first_page_offset,
     _bad_h5_garbage,
     _bad_h5_truncated,
     _bad_empty_dir,
@@ -478,6 +486,13 @@ def test_error_wording(tmp_path):
     _assert_volume_error(_bad_npy_truncated(tmp_path), "truncated or corrupt")
     _assert_volume_error(_bad_empty_dir(tmp_path), "empty directory")
     _assert_volume_error(_bad_tiff_dir_corrupt_slice(tmp_path), "a2.tif")
+
+
+def test_broken_tiff_is_refused_without_a_stray_log_line(tmp_path, caplog):
+    with caplog.at_level(logging.DEBUG):
+        _assert_volume_error(_bad_tiff_first_page_offset(tmp_path),
+                             "TIFF holds no image data (invalid offset to first page")
+    assert [r for r in caplog.records if r.name == "tifffile" and r.levelno >= logging.WARNING] == []
 
 
 def test_detect_format_and_suffixes(tmp_path):

@@ -117,9 +117,11 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _progress() -> Progress:
+    # Off when stderr is no terminal (a log file, a pipe): a stopped transient bar still
+    # writes a newline there, which put a blank line above a one-line error.
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err, transient=True,
+        console=err, transient=True, disable=not err.is_terminal,
     )
 
 

@@ -539,20 +539,26 @@ def _open_npy(p: Path, inner: str | None) -> tuple[_ArrayBackend, None]:
 
 
 @contextlib.contextmanager
-def _tiff_errors() -> Iterator[list[str]]:
-    """Collect tifffile's ERROR log records: it logs, rather than raises, on broken IFD chains."""
+def _tiff_errors() -> Iterator[tuple[list[str], list[str]]]:
+    """Collect tifffile's ERROR and WARNING log records while a TIFF is opened: it logs,
+    rather than raises, on broken IFD chains. Neither is printed: an error becomes a
+    VolumeError, a warning goes into the message only if the file is refused anyway (a stray
+    log line would make the one-line error two)."""
     errors: list[str] = []
+    warnings: list[str] = []
 
     def keep(record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR:
-            errors.append(record.getMessage())
-            return False  # becomes a VolumeError instead of a stray log line
+        if record.levelno >= logging.WARNING:
+            # "<tifffile.TiffPages @8> invalid offset ...": the object's repr says nothing to a user
+            message = re.sub(r"^<[^>]*>\s*", "", record.getMessage())
+            (errors if record.levelno >= logging.ERROR else warnings).append(message)
+            return False
         return True
 
     logger = logging.getLogger("tifffile")
     logger.addFilter(keep)
     try:
-        yield errors
+        yield errors, warnings
     finally:
         logger.removeFilter(keep)
 
@@ -576,11 +582,12 @@ def _open_tiff_series(p: Path) -> tuple[Any, Any]:
     """Open a TIFF and its first series, refusing broken or truncated files."""
     import tifffile
 
-    with _tiff_errors() as errors:
+    with _tiff_errors() as (errors, warnings):
         tif = tifffile.TiffFile(p)
         try:
             if not tif.series:
-                raise _Invalid("TIFF holds no image data")
+                logged = errors + warnings
+                raise _Invalid("TIFF holds no image data" + (f" ({_one_line(logged[0])})" if logged else ""))
             series = tif.series[0]
             end = _tiff_data_end(series)
         except BaseException:
