@@ -168,6 +168,21 @@ def test_bad_volume_gives_one_line_exit_2_and_no_output(batch, tmp_path, kind, n
     assert not out.exists()  # no partial output even though the first volume was fine
 
 
+@pytest.mark.parametrize("kind, needle", [("nan", "NaN"), ("constant", "constant")])
+def test_train_on_bad_values_writes_no_run_and_keeps_the_old_one(batch, tmp_path, kind, needle):
+    _, _, vols = batch
+    p = bad_volume(tmp_path, kind)
+    args = ["--task", "sorting", "--epochs", 1, "--steps", 1, "--batch-size", 4]
+    res = run("train", vols[0], p, "--out", tmp_path / "new", *args)
+    one_error_line(res, p.name, needle)
+    assert not (tmp_path / "new").exists()  # found when the volumes are read, before the run dir is made
+    old = tmp_path / "old"
+    assert run("train", vols[0], "--out", old, *args).exit_code == 0
+    before = {f.relative_to(old): f.read_bytes() for f in old.rglob("*") if f.is_file()}
+    one_error_line(run("train", vols[0], p, "--out", old, *args, "--overwrite"), needle)
+    assert {f.relative_to(old): f.read_bytes() for f in old.rglob("*") if f.is_file()} == before
+
+
 def test_bad_arguments_exit_2(batch, tmp_path):
     _, gt, vols = batch
     assert run("localize", vols[0], "--method", "nope").exit_code == 2

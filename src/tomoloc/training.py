@@ -586,17 +586,19 @@ def train(
             raise ValueError(f"cannot resume {out}: {', '.join(changed)} differ from the run's config.json")
         old_keys, old_rows = _csv_rows(metrics_path)
         last_epoch = int(torch.load(last, map_location="cpu", weights_only=True).get("epoch", -1))
-    elif last.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} already holds a run; pass resume=True to continue it or overwrite=True")
-        if _is_rank_zero():
-            shutil.rmtree(ckpt_dir)
-            shutil.rmtree(out / "logs", ignore_errors=True)
+    elif last.exists() and not overwrite:
+        raise FileExistsError(f"{out} already holds a run; pass resume=True to continue it or overwrite=True")
 
     hw = hardware(config.devices, num_nodes=config.num_nodes)
     L.seed_everything(config.seed, workers=True, verbose=False)
     dm = VolumeDataModule(volumes, config)
     module = _make_module(config)
+    # Every volume read (and its values checked) before anything is written or replaced: a
+    # NaN or constant volume leaves no half-made run directory behind.
+    dm.load()
+    if not resume and last.exists() and _is_rank_zero():
+        shutil.rmtree(ckpt_dir)
+        shutil.rmtree(out / "logs", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     doc = {"format": RUN_FORMAT, "config": config.to_dict(), "volumes": dm.volume_names(),
            "train_volumes": dm.train_ids, "val_volumes": dm.val_ids}
