@@ -122,18 +122,34 @@ def test_multiotsu_keeps_the_sample_beside_a_denser_slab():
     assert loc.bbox[0] == (0, 24) and loc.bbox[2] == (0, 40)
     assert box[1][0] - 1 <= loc.bbox[1][0] <= box[1][0] and 31 <= loc.bbox[1][1] <= 32
     # With stricter size rules only the slab would be left: the rules are what save the sample.
-    strict = MultiOtsuLocalizer(min_fraction=0.5, min_share=0.0).localize(vol).bbox
+    strict = MultiOtsuLocalizer(min_fraction=0.5, min_share=0.0, min_voxels=0).localize(vol).bbox
     assert strict[1][0] >= 27 and strict[1][1] <= 32
 
 
 def test_multiotsu_keeps_a_sample_much_smaller_than_a_dense_slab():
     # After smoothing, the sample's component is about 5% of the slab's: under min_fraction,
-    # over min_share (0.1% of the voxels).
+    # over min_share (0.02% of the voxels) and min_voxels.
     vol, box = table_volume()
-    smoothed_only = MultiOtsuLocalizer(min_share=0.0).localize(vol).bbox
+    smoothed_only = MultiOtsuLocalizer(min_share=0.0, min_voxels=0).localize(vol).bbox
     assert smoothed_only[1][0] >= 27  # the sample is lost without min_share
     kept = MultiOtsuLocalizer().localize(vol).bbox
     assert all(lo <= t0 and hi >= t1 for (lo, hi), (t0, t1) in zip(kept, box))
+
+
+def test_multiotsu_keeps_a_small_piece_of_the_sample_apart_from_the_rest():
+    # A body, a piece of 5x5x5 voxels apart from it (81 voxels above the threshold once
+    # smoothed: 0.04% of the 196,608 voxels) and a table far larger than both. The piece is
+    # under a tenth of the table and under the old 0.1% (197 voxels), over 0.02% (39) and
+    # the 64-voxel floor: it is kept, and the box reaches out to it (y 2-7, 1 with the blur).
+    rng = np.random.default_rng(0)
+    vol = rng.normal(0.0, 0.05, (48, 64, 64)).astype(np.float32)
+    vol[10:20, 20:36, 10:26] += 1.0
+    vol[34:39, 2:7, 44:49] += 1.0
+    vol[:, 58:62, :] += 4.0
+    assert MultiOtsuLocalizer().localize(vol).bbox == ((0, 48), (1, 64), (0, 64))
+    # Either size rule alone at the old size drops it, and the box starts at the body (y 20).
+    assert MultiOtsuLocalizer(min_share=0.001).localize(vol).bbox[1] == (19, 64)
+    assert MultiOtsuLocalizer(min_voxels=100).localize(vol).bbox[1] == (19, 64)
 
 
 def test_multiotsu_ignores_a_bright_speck_and_finds_the_cube():

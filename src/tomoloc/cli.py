@@ -293,7 +293,7 @@ def make_localizer(method: str, value: float | None = None, calibrate: Path | No
         mloc = MultiOtsuLocalizer(max_voxels=max_voxels) if grow is None else \
             MultiOtsuLocalizer(max_voxels=max_voxels, grow=grow)
         return mloc, {"method": "multiotsu", "classes": mloc.classes, "min_fraction": mloc.min_fraction,
-                      "min_share": mloc.min_share, "smooth": mloc.smooth, "grow": mloc.grow,
+                      "min_share": mloc.min_share, "min_voxels": mloc.min_voxels, "smooth": mloc.smooth, "grow": mloc.grow,
                       "max_voxels": max_voxels}
     if (value is None) == (calibrate is None):
         raise UsageProblem("--method threshold needs exactly one of --value V or --calibrate ground_truth.json")

@@ -93,8 +93,8 @@ def find_interior(data: np.ndarray, k_sigma: float = 4.0, max_wall: int = 10,
 
     1. Smooth (1 voxel), threshold at :func:`tomoloc.localize.threshold.multiotsu_threshold`,
        keep the components of at least a tenth of the largest or 1% of the voxels (0.1%,
-       as the multi-Otsu localizer has it, kept streak fragments outside the tube and
-       widened the window of one test volume in eight from 59 to 87 voxels).
+       the multi-Otsu localizer's share until 2026-12-03, kept streak fragments outside
+       the tube and widened the window of one test volume in eight from 59 to 87 voxels).
     2. Fill the holes of every axial slice: the tube's wall encloses its medium and sample.
        Where that fills more than ``max_filled`` of the volume, nothing was set apart: the
        foreground is then what differs from the histogram's peak by more than ``k_sigma`` of
