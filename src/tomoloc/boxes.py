@@ -141,8 +141,12 @@ def expand_bbox(box: Bbox, margin: int | Sequence[int], shape: Sequence[int]) ->
     ``margin`` is one int for all axes or one per axis ``(mz, my, mx)``; negative margins
     are refused because a crop must never cut more than the localizer found.
     """
-    m = [int(margin)] * 3 if np.isscalar(margin) else [int(v) for v in margin]  # type: ignore[arg-type]
-    if len(m) != 3 or min(m) < 0:
+    values = [margin] * 3 if np.ndim(margin) == 0 else list(np.ravel(margin))  # type: ignore[arg-type]
+    # A margin is a whole number of voxels: 1.7 must not quietly become 1.
+    if len(values) != 3 or any(isinstance(v, (bool, np.bool_)) or not float(v).is_integer() for v in values):
+        raise ValueError(f"margin must be whole voxels >= 0 (one value or three), got {margin}")
+    m = [int(v) for v in values]
+    if min(m) < 0:
         raise ValueError(f"margin must be >= 0 (one value or three), got {margin}")
     out = [(max(0, lo - mi), min(int(n), hi + mi)) for (lo, hi), mi, n in zip(box, m, shape)]
     return (out[0], out[1], out[2])

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 import sys
 import time
 from enum import Enum
@@ -108,12 +109,27 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (*USER_ERRORS, UsageProblem) as exc:
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        except (*USER_ERRORS, NotADirectoryError, UsageProblem) as exc:
+            msg = _not_a_folder(exc) if isinstance(exc, (NotADirectoryError, FileExistsError)) else str(exc)
+            msg = msg.splitlines()[0] if msg else type(exc).__name__
             err.print(f"tomoloc: error: {msg}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def _not_a_folder(exc: OSError) -> str:
+    """``f/x: f is a file, not a folder`` for an output folder at or under a file (``--out f/x``,
+    ``--out f``); ``exc`` itself when it is no such error of the operating system."""
+    if exc.filename is None or exc.errno is None:
+        return str(exc)
+    path = Path(os.fsdecode(exc.filename))
+    blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    # Temporary names (".x.tmp...") mean nothing to the user: name the output it was for.
+    shown = path.with_name(path.name.split(".tmp")[0].lstrip(".")) if path.name.startswith(".") else path
+    if blocking is None:
+        return str(exc)
+    return f"{shown}: a file, not a folder" if blocking == shown else f"{shown}: {blocking} is a file, not a folder"
 
 
 def _progress() -> Progress:
@@ -509,7 +525,7 @@ def crop(
     Example: tomoloc crop data/vol_*.npy --boxes boxes.json --out cropped/ --margin 4
     """
     from tomoloc.boxes import expand_bbox, normalize_bbox
-    from tomoloc.crop import crop_item, output_names
+    from tomoloc.crop import crop_item, input_clash, output_names
     from tomoloc.memory import crop_slab_bytes
 
     _check_scheduler(scheduler, workers)
@@ -534,6 +550,10 @@ def crop(
         names = output_names([v for v, _ in plan], fmts)
     except ValueError as exc:
         raise UsageProblem(str(exc)) from None
+    for (v, _), name in zip(plan, names):
+        clash = input_clash(out_dir / name, v)
+        if clash is not None:
+            raise FileExistsError(f"{out_dir / name}: {clash}; choose another --out")
     manifest_path = out_dir / "crop_manifest.json"
     config = {"command": "crop", "boxes": str(boxes), "margin": margin, "format": fmt.value if fmt else None,
               "tomoloc": __version__}
@@ -541,6 +561,12 @@ def crop(
     rows: list[Any] = [None] * len(plan)
     replace = [False] * len(plan)
     earlier = {} if overwrite else _done_crops(manifest_path)
+    # Rows of other volumes an earlier crop into this folder recorded stay in its manifest,
+    # unless this run writes over their output.
+    ours = {str(v) for v, _ in plan}
+    targets = {(out_dir / n).resolve() for n in names}
+    others = [r for r in _manifest_rows(manifest_path) if str(r.get("volume")) not in ours
+              and Path(str(r.get("output", ""))).resolve() not in targets]
     for i, ((v, rec), name) in enumerate(zip(plan, names)):
         crop_box = [list(b) for b in expand_bbox(normalize_bbox(rec.bbox, rec.shape), margin, rec.shape)]
         row = earlier.get(str(v))
@@ -565,7 +591,7 @@ def crop(
             rows[i] = {"volume": v, "status": "done", "output": str(res.output), "bbox": [list(b) for b in res.bbox],
                        "bytes_before": res.bytes_before, "bytes_after": res.bytes_after, "checksum": res.checksum,
                        "verified": res.verified, "attempts": attempts}
-        _write_crop_manifest(manifest_path, config, rows, t0)  # after every volume: a killed job resumes
+        _write_crop_manifest(manifest_path, config, others + rows, t0)  # after every volume: a killed job resumes
         prog.advance(task)
 
     items = [(plan[i][0], plan[i][1].bbox, names[i], replace[i]) for i in todo]
@@ -574,7 +600,8 @@ def crop(
         _map_volumes(crop_item, items, out_dir, scheduler=scheduler, workers=workers, advance=record,
                      permanent=(FileExistsError,), margin=margin, fmt=fmt.value if fmt else None,
                      overwrite=overwrite, max_memory=budget)
-    manifest = _write_crop_manifest(manifest_path, config, rows, t0)
+    _write_crop_manifest(manifest_path, config, others + rows, t0)
+    manifest = _crop_totals(rows)  # this run's volumes only
     for r in rows:
         if r["status"] == "done":
             out.print(f"{r['volume']} -> {r['output']}: {r['bytes_before']:,} -> {r['bytes_after']:,} bytes"
@@ -611,11 +638,24 @@ def _ours(row: dict[str, Any] | None, output: Path, crop_box: list[list[int]]) -
     return row is not None and row.get("bbox") == crop_box and Path(row["output"]).resolve() == output.resolve()
 
 
+def _manifest_rows(path: Path) -> list[dict[str, Any]]:
+    """Every row of the crop manifest at ``path``; none when it is missing or unreadable
+    (unreadable stops a run without ``--overwrite`` earlier, in :func:`_done_crops`)."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))["volumes"]
+        return [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def _crop_totals(rows: list[Any]) -> dict[str, Any]:
+    done = [r for r in rows if r is not None and r.get("status") == "done"]
+    return {"done": len(done), "failed": sum(1 for r in rows if r is not None and r.get("status") == "failed"),
+            "bytes_before": sum(r["bytes_before"] for r in done), "bytes_after": sum(r["bytes_after"] for r in done)}
+
+
 def _write_crop_manifest(path: Path, config: dict[str, Any], rows: list[Any], t0: float) -> dict[str, Any]:
-    done = [r for r in rows if r is not None and r["status"] == "done"]
-    manifest = {"config": config, "volumes": [r for r in rows if r is not None],
-                "done": len(done), "failed": sum(1 for r in rows if r is not None and r["status"] == "failed"),
-                "bytes_before": sum(r["bytes_before"] for r in done), "bytes_after": sum(r["bytes_after"] for r in done),
+    manifest = {"config": config, "volumes": [r for r in rows if r is not None], **_crop_totals(rows),
                 "seconds": round(time.perf_counter() - t0, 3)}
     write_text_atomic(path, json.dumps(manifest, indent=1) + "\n")
     return manifest

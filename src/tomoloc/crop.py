@@ -62,7 +62,9 @@ class BoxView:
         for k, (lo, _hi), n in zip(key, self.bbox, self.shape):
             if isinstance(k, slice):
                 start, stop, step = k.indices(n)
-                mapped.append(slice(lo + start, lo + stop, step))
+                # A backward slice that runs to the box's first voxel stops at -1, which
+                # shifted by a box starting at 0 would wrap around to the volume's end.
+                mapped.append(slice(lo + start, lo + stop if lo + stop >= 0 else None, step))
             else:
                 k = int(k)
                 if not -n <= k < n:
@@ -200,6 +202,24 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def input_clash(output: str | os.PathLike, source: str | os.PathLike) -> str | None:
+    """Why writing the crop ``output`` would damage the input ``source``, or ``None``.
+
+    The crop may not be the input itself, lie inside an input that is a folder (a TIFF
+    slice folder or a Zarr store would then hold a stray file, or a second array, and no
+    longer open), or be a folder that holds the input (replacing it would delete the input).
+    """
+    src = Path(io.split_dataset_path(str(source))[0])
+    out, inp = Path(output).resolve(), src.resolve()
+    if out == inp or _same_file(Path(output), src):
+        return "the crop would overwrite its own input"
+    if inp in out.parents:
+        return f"the crop would be written inside its input {src}"
+    if out in inp.parents:
+        return f"the crop would replace a folder that holds its input {src}"
+    return None
+
+
 def crop_volume(
     source: str | os.PathLike,
     bbox: Sequence[Sequence[int]],
@@ -255,9 +275,9 @@ def crop_volume(
         box = expand_bbox(normalize_bbox(bbox, shape), margin, shape)
         fmt = fmt or vol.format
         out = output_path(source, out_dir, fmt) if name is None else Path(out_dir) / name
-        src_file = Path(io.split_dataset_path(str(source))[0])
-        if out.resolve() == src_file.resolve() or _same_file(out, src_file):
-            raise FileExistsError(f"{out}: refusing to write a crop over its own input volume")
+        clash = input_clash(out, source)
+        if clash is not None:
+            raise FileExistsError(f"{out}: {clash}; choose another output folder")
         h = _Digest()
         view = BoxView(vol, box)
         io.save_volume(out, view, fmt, overwrite=overwrite, slab_bytes=slab_bytes,

@@ -881,7 +881,11 @@ def _write_npy(tmp: Path, data: Any, target: _Target) -> None:
 def _write_tiff(tmp: Path, data: Any, target: _Target) -> None:
     import tifffile
 
-    pages = (page for _, _, slab in target.slabs(data) for page in slab)
+    pages: Any = (page for _, _, slab in target.slabs(data) for page in slab)
+    if target.dtype == np.bool_ and target.shape[2] == 1:
+        # tifffile packs 1-bit pages one column wide wrongly when given them one by one;
+        # as one array it does not, and one column of every slice is small.
+        pages = np.concatenate([slab for _, _, slab in target.slabs(data)])
     nbytes = int(np.prod(target.shape, dtype=np.int64)) * target.dtype.itemsize
     # Uncompressed and contiguous, so the reader can memory-map it; classic TIFF offsets are
     # 32-bit and some readers treat them as signed, hence BigTIFF above 2 GiB.
@@ -1008,7 +1012,9 @@ def save_volume(
         raise ValueError(f"data must be 3D (Z, Y, X), got shape {shape}")
     if 0 in shape:
         raise ValueError(f"cannot save an empty volume (shape {shape})")
-    dtype = np.dtype(data.dtype).newbyteorder("=")
+    # Native order, and the canonical type of that size: tifffile reads int64 as 'q' (long
+    # long), which zarr does not take for int64 ('l').
+    dtype = np.dtype(np.dtype(data.dtype).newbyteorder("=").str)
     if dtype.kind not in "biuf":
         raise ValueError(f"unsupported data type {dtype} (need bool, integer or float)")
     if chunks is None:

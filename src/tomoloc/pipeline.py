@@ -36,6 +36,7 @@ deleted only after that, and after the manifest saying so is on disk.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -373,7 +374,7 @@ def _still_done(row: dict[str, Any]) -> bool:
 def _plan(inputs: Sequence[str], out: Path, cfg: RunConfig, overwrite: bool, resuming: bool,
           done: dict[str, dict[str, Any]]) -> list[VolumeJob]:
     """Open every input still to do and decide every output before any work (bad input fails first)."""
-    from tomoloc.crop import output_names
+    from tomoloc.crop import input_clash, output_names
 
     todo, shapes, fmts = [], {}, []
     for v in inputs:
@@ -392,9 +393,9 @@ def _plan(inputs: Sequence[str], out: Path, cfg: RunConfig, overwrite: bool, res
             shape = tuple(row["shape"])
         else:
             target, shape = out / names[v], shapes[v]
-            src = Path(io.split_dataset_path(str(v))[0]).resolve()
-            if target.resolve() == src:
-                raise FileExistsError(f"{target}: the crop would overwrite its own input; choose another --out")
+            clash = input_clash(target, v)
+            if clash is not None:
+                raise FileExistsError(f"{target}: {clash}; choose another --out")
             # In a resumed job's folder a crop not yet in the manifest is this job's own (killed
             # between writing it and recording it); anywhere else it is someone's file.
             if target.exists() and not overwrite and not resuming:
@@ -548,7 +549,8 @@ def run_batch(
         if created_out:
             shutil.rmtree(out, ignore_errors=True)
         elif not resuming:
-            (out / "run_config.json").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # out may be no folder at all: keep that error
+                (out / "run_config.json").unlink(missing_ok=True)
             if model_dir == out / "model" and cfg.model is None:
                 shutil.rmtree(out / "model", ignore_errors=True)
         raise
