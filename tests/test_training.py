@@ -185,6 +185,35 @@ def test_ddp_ranks_draw_disjoint_seeded_samples():
     assert {e for e, _ in DistributedSamplerWrapper(sampler, num_replicas=3, rank=0, shuffle=False)} == {4}
 
 
+def test_sampler_takes_the_epoch_lightning_sets_after_creating_the_iterator():
+    # Resuming from an epoch's end, Lightning creates the train iterator while its restored
+    # counter still names the finished epoch (0 here), then calls set_epoch(1).
+    from tomoloc.training import _EpochKeySampler
+
+    sampler = _EpochKeySampler(3, lambda: 0)
+    it = iter(sampler)
+    sampler.set_epoch(1)
+    assert list(it) == [(1, 0), (1, 1), (1, 2)]
+    assert list(_EpochKeySampler(2, lambda: 5)) == [(5, 0), (5, 1)]  # the counter when it is ahead
+
+
+@pytest.mark.parametrize("task,n_val", [("rotation", 10), ("sorting", 3)])
+def test_validation_items_split_evenly_over_the_ranks(task, n_val):
+    # Lightning's distributed sampler pads an uneven split with rank 0's items, which then
+    # counted twice in the validation means: the set is rounded up to the ranks instead.
+    from types import SimpleNamespace
+
+    per_item = 4 if task == "sorting" else 1  # a sorting item is a batch of 4 slices
+    cfg = TrainConfig(task=task, input_size=16, batch_size=4, steps_per_epoch=2, val_samples=n_val * per_item)
+    sizes = {}
+    for world in (1, 2, 3):
+        dm = VolumeDataModule([f_volume(s, n=16) for s in range(3)], cfg)
+        dm.trainer = SimpleNamespace(world_size=world, current_epoch=0)
+        dm.setup("fit")
+        sizes[world] = len(dm.val_dataset)
+    assert sizes == {1: n_val, 2: -(-n_val // 2) * 2, 3: -(-n_val // 3) * 3}
+
+
 def test_split_by_volume():
     for n, n_val in [(2, 1), (4, 1), (5, 1), (10, 2), (20, 4)]:
         tr, va = split_volumes(n, 0.2, seed=0)
@@ -264,6 +293,30 @@ def test_last_checkpoint_is_the_last_epoch_even_when_it_is_not_the_best(tmp_path
     assert (best["epoch"], best["global_step"]) == (0, 2)
     assert (last["epoch"], last["global_step"]) == (2, 6)  # Lightning's save_last alone left it at (0, 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
+class _StopAfterFirstEpoch(L.Callback):
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = True
+
+
+@pytest.mark.parametrize("task", ["rotation", "sorting"])
+def test_a_run_stopped_and_resumed_ends_with_the_same_weights(tmp_path, task):
+    # The same schedule (2 epochs) both ways; one run stopped after its first epoch and
+    # resumed. Before, a resumed sorting run drew its first epoch's batches again, and
+    # either task its first epoch's dropout masks: the weights differed.
+    vols = [f_volume(s, n=16) for s in range(3)]
+    cfg = TrainConfig(task=task, input_size=16, batch_size=4, epochs=2, steps_per_epoch=2, val_samples=8, seed=0)
+    straight = train(vols, tmp_path / "straight", cfg, progress=False)
+    stopped = train(vols, tmp_path / "stopped", cfg, progress=False, callbacks=[_StopAfterFirstEpoch()])
+    assert torch.load(stopped / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    train(vols, stopped, cfg, progress=False, resume=True)
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(stopped / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 4
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    assert metrics_rows(straight) == metrics_rows(stopped)
 
 
 def test_train_resume_and_load_model(tmp_path):

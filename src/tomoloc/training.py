@@ -86,10 +86,14 @@ def split_volumes(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
 class _EpochKeySampler(Sampler):
     """Yields ``(epoch, i)`` keys so every item is a function of the epoch, whatever process loads it.
 
-    The epoch is read when iteration starts, from ``current_epoch()`` (the trainer's
-    counter, already restored when resuming) or else from :meth:`set_epoch`. Lightning
-    creates and prefetches from the train iterator before its ``on_train_epoch_start``
-    hook on the first and on a resumed epoch, so state set in that hook would come late.
+    The epoch is read when the first key is drawn, as the later of ``current_epoch()`` (the
+    trainer's counter) and the value :meth:`set_epoch` was given. Lightning creates and
+    prefetches from the train iterator before its ``on_train_epoch_start`` hook on the first
+    and on a resumed epoch, so state set in that hook would come late; and when it resumes
+    from the checkpoint saved at an epoch's end, the restored counter still names that
+    epoch (its ``completed`` count is saved before it is incremented) until the loop moves
+    on, while ``set_epoch`` already has the next one. With either alone, a resumed sorting
+    run (whose loader draws keys without a batch sampler) trained on its last epoch again.
     """
 
     def __init__(self, length: int, current_epoch: Callable[[], int | None] | None = None):
@@ -104,9 +108,11 @@ class _EpochKeySampler(Sampler):
         return self.length
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self._current_epoch() if self._current_epoch is not None else None
-        epoch = self.epoch if epoch is None else epoch
-        return iter([(epoch, i) for i in range(self.length)])
+        # A generator: its body runs at the first key drawn, after Lightning's set_epoch.
+        current = self._current_epoch() if self._current_epoch is not None else None
+        epoch = self.epoch if current is None else max(current, self.epoch)
+        for i in range(self.length):
+            yield epoch, i
 
 
 def _map_images(batch: Any, fn: Callable[[Tensor], Tensor], dtype: torch.dtype) -> Any:
@@ -173,6 +179,14 @@ class VolumeDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return int(trainer.current_epoch) if trainer is not None else None
 
+    def _val_length(self, n: int) -> int:
+        """``n`` validation items rounded up to a multiple of the ranks: Lightning's
+        distributed sampler pads an uneven split with items of rank 0's share, which then
+        counted twice in the validation means. The items added are new ones (functions of
+        their index), and on one rank there are none."""
+        w = self._world_size()
+        return -(-n // w) * w
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:
             return
@@ -186,8 +200,9 @@ class VolumeDataModule(L.LightningDataModule):
             self.train_dataset = SortingBatchDataset(train_arrays, length=c.steps_per_epoch * self._world_size(),
                                                      seed=c.seed, augment=c.augment, **common_s).precompute()
             # Validation batches are unaugmented: the control metric measures order only.
-            self.val_dataset = SortingBatchDataset(val_arrays, length=max(1, c.val_samples // c.batch_size),
-                                                   seed=c.seed + 1, augment=False, **common_s).precompute()
+            n_val = self._val_length(max(1, c.val_samples // c.batch_size))
+            self.val_dataset = SortingBatchDataset(val_arrays, length=n_val, seed=c.seed + 1, augment=False,
+                                                   **common_s).precompute()
             return
         if c.task in CONTRASTIVE_TASKS:
             from tomoloc.transforms import MOCOV3_VIEWS, SIMCLR_VIEWS
@@ -196,7 +211,8 @@ class VolumeDataModule(L.LightningDataModule):
             common_v = dict(recipes=recipes, axes=c.axes, input_size=c.input_size)
             self.train_dataset = TwoViewSliceDataset(train_arrays, length=c.steps_per_epoch * c.batch_size
                                                      * self._world_size(), seed=c.seed, **common_v).precompute()
-            self.val_dataset = TwoViewSliceDataset(val_arrays, length=c.val_samples, seed=c.seed + 1,
+            self.val_dataset = TwoViewSliceDataset(val_arrays, length=self._val_length(c.val_samples),
+                                                   seed=c.seed + 1,
                                                    **common_v).precompute()
             return
         common = dict(axes=c.axes, k=c.k, step=c.step, input_size=c.input_size, max_shift=c.max_shift)
@@ -205,7 +221,7 @@ class VolumeDataModule(L.LightningDataModule):
         self.train_dataset = RotationPairDataset(train_arrays, length=length,
                                                  seed=c.seed, **common).precompute()
         # A different seed: with a single volume the validation pairs still differ from training ones.
-        self.val_dataset = RotationPairDataset(val_arrays, length=c.val_samples,
+        self.val_dataset = RotationPairDataset(val_arrays, length=self._val_length(c.val_samples),
                                                seed=c.seed + 1, **common).precompute()
 
     def _loader(self, dataset: Any, sampler: Sampler | None, drop_last: bool) -> DataLoader:
@@ -269,6 +285,39 @@ class _TaskModule(L.LightningModule):
 
     def _step(self, batch: Any) -> tuple[Tensor, dict[str, Tensor], int]:
         raise NotImplementedError
+
+    def setup(self, stage: str) -> None:
+        # One seed on every rank would give every rank the same dropout masks (the data
+        # differ by rank already: they are functions of the sample's index). Runs before a
+        # checkpoint is restored.
+        if stage == "fit" and self.trainer.world_size > 1:
+            torch.manual_seed(self.config.seed + 1_000_003 * self.trainer.global_rank)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning saves no random state: without it a resumed run drew the dropout masks
+        # of its first epoch again. (Under DDP only rank 0's is saved; see on_load_checkpoint.)
+        import random
+
+        # Tensors, ints and tuples only: checkpoints are read with torch.load(weights_only=True).
+        _, keys, pos, has_gauss, gauss = np.random.get_state()
+        checkpoint["tomoloc_rng"] = {
+            "torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": (torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(gauss)),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        import random
+
+        state = checkpoint.get("tomoloc_rng")
+        trainer = self._trainer  # None when a checkpoint is loaded outside of fit
+        if state is None or trainer is None or trainer.world_size > 1:
+            return  # DDP: every rank keeps its own seeded stream (rank 0's is all there is)
+        torch.set_rng_state(state["torch"])
+        keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        random.setstate(state["python"])
+        if state["cuda"] is not None and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
 
     def on_fit_start(self) -> None:
         # NHWC weights: what tensor cores want (the bare torchvision loop we measure against
