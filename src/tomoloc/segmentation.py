@@ -275,7 +275,8 @@ class SegmentationModule(L.LightningModule):
         x, y = batch
         logits = self.net(x).float()
         loss = self.dice(logits, y) + F.cross_entropy(logits, y)
-        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=int(y.shape[0]))
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=int(y.shape[0]),
+                 sync_dist=True)
         return loss
 
     def configure_optimizers(self) -> Any:
@@ -393,7 +394,9 @@ def finetune(volumes: Sequence[Any], labels: Sequence[Any], out_dir: str | os.Pa
 
         load_into(module.net.encoder, state, str(config.encoder))
     data = LabelledSliceDataset(images, targets, chosen, config.input_size,
-                                length=config.steps_per_epoch * config.batch_size, seed=config.seed,
+                                # As in tomoloc train: steps_per_epoch steps on every rank.
+                                length=config.steps_per_epoch * config.batch_size * hw["devices"] * hw["num_nodes"],
+                                seed=config.seed,
                                 augment=config.augment)
     from lightning.pytorch.loggers import CSVLogger
     from torch.utils.data import DataLoader
